@@ -1,0 +1,1 @@
+"""Training-side stages (data, attention capture, loss): see DESIGN.md."""
