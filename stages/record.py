@@ -15,6 +15,7 @@ entities/regions lists. The other columns are:
 ``record``   the sample record as JSON text
 ``item``     the source item as JSON text (what the reader was given; kept for rejected/)
 ``log``      JSON list of adjudication log rows for this sample (filled by adjudicate)
+``times``    JSON ``{stage: seconds}`` this row spent in each stage (filled by the runner)
 
 Stage conventions
 -----------------
@@ -45,7 +46,7 @@ ENTITY_STATUSES = ("grounded", "rejected", "ungrounded", "skipped")
 ROW_OK = "ok"
 ROW_REJECTED = "rejected"
 
-BATCH_COLUMNS = ("key", "shard", "seq", "status", "reason", "image", "ext", "pixels", "record", "item", "log")
+BATCH_COLUMNS = ("key", "shard", "seq", "status", "reason", "image", "ext", "pixels", "record", "item", "log", "times")
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]+")
 

@@ -1,0 +1,159 @@
+"""Run-level outputs: stats.json (sum of per-shard stats), manifest.resolved.yaml, README.md card."""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+from pipeline.manifest import Manifest, manifest_to_dict
+
+
+def aggregate_stats(out_dir: Path, run: dict | None = None) -> dict:
+    """Sum every complete shard's stats into stats.json (so resumed runs add up exactly)."""
+    totals: Counter = Counter()
+    by_key: dict[str, Counter] = {k: Counter() for k in (
+        "rejected_by_reason", "entities_by_status", "skipped_by_reason", "verdicts_by_reason", "stage_seconds")}
+    shards = 0
+    for path in sorted((out_dir / "stats").glob("*.json")):
+        tar_exists = any((out_dir / "shards").glob(f"*-{path.stem}.tar"))
+        if not tar_exists:
+            continue  # shard not complete: its stats are not part of the output
+        stats = json.loads(path.read_text())
+        shards += 1
+        for key, value in stats.items():
+            if key in by_key:
+                by_key[key].update(value)
+            elif key != "shard":
+                totals[key] += value
+    entities = totals["entities"]
+    candidates = entities - by_key["entities_by_status"].get("skipped", 0)
+    result = {
+        "shards": shards,
+        **{k: totals[k] for k in ("samples_in", "samples_out", "samples_rejected",
+                                   "samples_with_grounding", "entities", "regions", "regions_accepted")},
+        "rates": {
+            "sample_keep": _rate(totals["samples_out"], totals["samples_in"]),
+            "samples_with_grounding": _rate(totals["samples_with_grounding"], totals["samples_out"]),
+            "entities_grounded": _rate(by_key["entities_by_status"].get("grounded", 0), candidates),
+            "judge_accept": _rate(totals["regions_accepted"], totals["regions"]),
+        },
+        **{k: dict(sorted(v.items())) for k, v in by_key.items() if k != "stage_seconds"},
+        "stage_seconds": {k: round(v, 3) for k, v in by_key["stage_seconds"].items()},
+    }
+    if run:
+        result["last_run"] = run
+    (out_dir / "stats.json").write_text(json.dumps(result, indent=2, sort_keys=False))
+    return result
+
+
+def _rate(num: float, den: float) -> float | None:
+    return round(num / den, 4) if den else None
+
+
+def _model_revision(name: str, revision: str | None) -> str:
+    """Exact revision of a model: the hub commit hash from the local cache, or a hash of a
+    local folder's config (random tiny models included), so the card says what was used."""
+    path = Path(name)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for f in sorted(path.glob("*.json")):
+            digest.update(f.read_bytes())
+        return f"local:{digest.hexdigest()[:12]}"
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(name, revision=revision, local_files_only=True)
+        return Path(folder).name
+    except Exception:
+        return revision or "unresolved"
+
+
+def write_resolved_manifest(out_dir: Path, manifest: Manifest, extra: dict | None = None) -> dict:
+    data = manifest_to_dict(manifest)
+    data["resolved"] = {
+        "detector_revision": _model_revision(manifest.detect.model, manifest.detect.revision),
+        "segmenter_revision": _model_revision(manifest.segment.model, manifest.segment.revision),
+        "judge": manifest.adjudicate.judge,
+        "python": platform.python_version(),
+        **(extra or {}),
+    }
+    if data["adjudicate"].get("base_url"):
+        pass  # endpoints are fine to record; API keys are never part of the manifest
+    (out_dir / "manifest.resolved.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return data
+
+
+CARD_TEMPLATE = """---
+{header}---
+
+# {name}
+
+Pseudo-grounding dataset built with [Look&Learn](https://github.com/) `{version}`: every concrete
+noun phrase of each caption is tied to segmentation masks of the image regions it names
+(GroundingDINO boxes → SAM masks → judged), or marked as not grounded with the reason.
+
+## Contents
+- `shards/*.tar`: WebDataset shards; per sample `{{key}}.jpg|png|webp` and `{{key}}.json`
+  (entities with character offsets, regions with boxes, COCO RLE masks and verdicts).
+- `index/*.parquet`: one row per sample; `logs/*.parquet`: every judge decision;
+  `rejected/*.parquet`: inputs that could not be used, with the reason.
+
+## Load
+```python
+from datasets import load_dataset
+ds = load_dataset("webdataset", data_files={{"train": "shards/*.tar"}}, split="train")
+```
+
+## Statistics
+| | |
+|---|---|
+{stats_rows}
+
+## How it was built
+- detector: `{detector}` (revision `{detector_rev}`)
+- segmenter: `{segmenter}` (revision `{segmenter_rev}`)
+- judge: `{judge}`
+- parser: spaCy noun chunks expanded to referring expressions
+
+{warning}
+"""
+
+
+def write_card(out_dir: Path, manifest: Manifest, stats: dict, resolved: dict, version: str) -> None:
+    header = {
+        "pretty_name": manifest.name,
+        "license": "other",
+        "task_categories": ["image-segmentation", "image-to-text"],
+        "tags": ["grounding", "referring-expression-segmentation", "webdataset", "look-and-learn"],
+        "size_categories": [_size_category(stats.get("samples_out", 0))],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "shards/*.tar"}]}],
+    }
+    rows = [
+        ("samples written", stats.get("samples_out")), ("inputs rejected", stats.get("samples_rejected")),
+        ("entities", stats.get("entities")), ("share of entities grounded", stats["rates"].get("entities_grounded")),
+        ("judge accept share", stats["rates"].get("judge_accept")), ("shards", stats.get("shards")),
+    ]
+    random_models = any("random" in str(m).lower() for m in (manifest.detect.model, manifest.segment.model))
+    warning = ("> **Built with randomly initialised tiny models (tests / offline sample).** "
+               "Masks and verdicts carry no meaning; do not use this data for training."
+               if random_models else "")
+    card = CARD_TEMPLATE.format(
+        header=yaml.safe_dump(header, sort_keys=False), name=manifest.name, version=version,
+        stats_rows="\n".join(f"| {k} | {v} |" for k, v in rows),
+        detector=manifest.detect.model, detector_rev=resolved["resolved"]["detector_revision"],
+        segmenter=manifest.segment.model, segmenter_rev=resolved["resolved"]["segmenter_revision"],
+        judge=manifest.adjudicate.judge, warning=warning,
+    )
+    (out_dir / "README.md").write_text(card)
+
+
+def _size_category(n: int) -> str:
+    for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                         (1_000_000, "100K<n<1M")):
+        if n < limit:
+            return label
+    return "1M<n<10M"

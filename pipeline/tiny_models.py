@@ -1,0 +1,241 @@
+"""Tiny, randomly initialised GroundingDINO and SAM checkpoints for tests and the offline sample.
+
+``write_tiny_models(out_dir)`` writes two Hugging Face style folders::
+
+    out_dir/grounding-dino-tiny-random/   config.json, model.safetensors, processor_config.json,
+                                          tokenizer files, vocab.txt, README.md
+    out_dir/sam-tiny-random/              config.json, model.safetensors, processor_config.json, README.md
+
+They load through the normal ``from_pretrained`` path (``AutoProcessor`` +
+``AutoModelForZeroShotObjectDetection``; ``SamProcessor`` + ``SamModel``), so the stages run the
+same code with them as with the real checkpoints. The weights are RANDOM: outputs are
+meaningless and must never be presented as results. Everything is derived from a fixed seed,
+so the same transformers/torch versions write identical bytes.
+
+GroundingDINO quirk: the model hard-codes the BERT ids of its delimiter tokens
+(``[CLS]``=101, ``[SEP]``=102, ``.``=1012, ``?``=1029, see ``SPECIAL_TOKENS`` in
+``modeling_grounding_dino``), so the tiny vocabulary keeps bert-base-uncased's layout for
+the first 1030 ids (``[unused*]`` fillers included) and only then adds ``##`` pieces and words.
+"""
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+GDINO_DIR = "grounding-dino-tiny-random"
+SAM_DIR = "sam-tiny-random"
+DEFAULT_SEED = 0
+
+# Image sizes: small so that CPU inference on a 640x480 image is well under a second.
+GDINO_SHORTEST_EDGE = 256
+GDINO_LONGEST_EDGE = 384
+SAM_IMAGE_SIZE = 256  # vision_config.image_size == prompt_encoder_config.image_size == longest_edge == pad_size
+SAM_PATCH_SIZE = 16   # -> 16x16 image embedding, 64x64 low-res masks
+
+# Files that must exist for a folder to count as complete (README last: written last).
+_GDINO_FILES = ("config.json", "model.safetensors", "processor_config.json", "vocab.txt",
+                "tokenizer.json", "tokenizer_config.json", "README.md")
+_SAM_FILES = ("config.json", "model.safetensors", "processor_config.json", "README.md")
+
+# A few hundred common caption words (COCO / Visual Genome style) so that prompts are not
+# all character pieces. Lower case; duplicates are removed when the vocabulary is built.
+CAPTION_WORDS = """
+a an the this that these those some two three four five several many one other another each
+and or of in on at to with without by for from into onto over under above below near next
+behind front beside between inside outside around through across along top bottom side left
+right middle back up down out off while is are was were be being has have holding sitting
+standing walking riding playing eating looking laying lying running flying parked sits stands
+man men woman women person people boy boys girl girls child children kid kids baby player
+players guy lady crowd group family couple skier surfer rider team
+dog dogs cat cats horse horses cow cows sheep elephant elephants giraffe giraffes zebra zebras
+bear bears bird birds animal animals duck ducks
+car cars truck trucks bus buses train trains bike bikes bicycle motorcycle motorcycles moped
+boat boats plane airplane airplanes jet vehicle vehicles van taxi scooter
+street road sidewalk city building buildings house houses wall walls window windows door doors
+roof sign signs pole poles light lights traffic fence bridge tower clock station track tracks
+field grass tree trees forest mountain mountains hill snow beach ocean water sea lake river
+sky cloud clouds sun sand rock rocks dirt park yard garden ground area
+table tables chair chairs couch sofa bed room kitchen bathroom toilet sink shower mirror floor
+desk shelf counter cabinet refrigerator oven stove microwave tv television laptop computer
+keyboard mouse screen phone cellphone book books lamp vase bowl plate plates cup cups glass
+bottle bottles fork knife spoon box bag bags basket umbrella umbrellas kite kites frisbee
+ball bat glove racket skateboard surfboard board skis snowboard suitcase luggage tie toy
+pizza sandwich cake donut donuts banana bananas apple apples orange oranges broccoli carrot
+carrots hot food meal dish slice piece bread cheese meat vegetables fruit coffee wine
+shirt jacket coat hat helmet cap dress pants shorts shoes jeans uniform suit glasses
+head hand hands arm arms leg legs face hair eye eyes mouth body feet foot tail ear ears nose
+red blue green yellow white black brown gray grey orange pink purple dark bright colorful
+large small big little tall short long old young new wooden metal plastic open empty full
+wet dry clean dirty busy sunny cloudy snowy green tennis baseball soccer game court
+picture photo image view close shot front several
+""".split()
+
+
+def _build_vocab() -> list[str]:
+    """bert-base-uncased-compatible layout up to id 1029, then ``##`` pieces and caption words."""
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab += [f"[unused{i}]" for i in range(99, 99 + 999 - len(vocab))]
+    assert len(vocab) == 999
+    # Printable ASCII without the space, in code-point order: '!' (33) lands on 999, so '.'
+    # lands on 1012 and '?' on 1029, exactly as in bert-base-uncased.
+    chars = [chr(c) for c in range(33, 127)]
+    vocab += chars
+    assert vocab[101] == "[CLS]" and vocab[102] == "[SEP]" and vocab[1012] == "." and vocab[1029] == "?"
+    vocab += ["##" + c for c in chars]
+    seen = set(vocab)
+    for word in CAPTION_WORDS:
+        if word not in seen:
+            seen.add(word)
+            vocab.append(word)
+    return vocab
+
+
+def _readme(title: str, loads: str, seed: int) -> str:
+    return f"""# {title}: RANDOM WEIGHTS, NOT A REAL MODEL
+
+This folder was written by Look&Learn's `pipeline.tiny_models.write_tiny_models` (seed {seed}).
+Every weight is **randomly initialised**; the model has tiny widths and depths and was never
+trained. Its detections / masks are noise. It exists only so that tests and the offline sample
+manifest can exercise the real `from_pretrained` loading and inference code without network
+access. Never report numbers produced with it as results.
+
+Load it with:
+
+```python
+{loads}
+```
+"""
+
+
+def _complete(folder: Path, names: tuple[str, ...]) -> bool:
+    return folder.is_dir() and all((folder / name).is_file() and (folder / name).stat().st_size > 0
+                                   for name in names)
+
+
+def _write_grounding_dino(folder: Path, seed: int) -> None:
+    import torch
+    from transformers import (
+        BertConfig,
+        BertTokenizer,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = _build_vocab()
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    # BertTokenizer(vocab_file=...) ignores the file in transformers 5: go through from_pretrained.
+    tokenizer = BertTokenizer.from_pretrained(str(folder), do_lower_case=True, model_max_length=256)
+    if tokenizer.convert_tokens_to_ids([".", "?", "[CLS]", "[SEP]"]) != [1012, 1029, 101, 102]:
+        raise RuntimeError("tiny GroundingDINO vocabulary does not match the model's special token ids")
+
+    backbone = SwinConfig(
+        image_size=GDINO_LONGEST_EDGE, patch_size=4, num_channels=3, embed_dim=16,
+        depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=7, mlp_ratio=2.0,
+        drop_path_rate=0.0, out_features=["stage2", "stage3", "stage4"],
+    )
+    text = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512, type_vocab_size=2, pad_token_id=0,
+    )
+    config = GroundingDinoConfig(
+        backbone_config=backbone, text_config=text, num_queries=64,
+        # decoder_layers=1 trips transformers' bbox_embed weight-tying regex: keep 2.
+        encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        encoder_attention_heads=2, decoder_attention_heads=2, d_model=32,  # GroupNorm(32, d_model)
+        num_feature_levels=4, encoder_n_points=2, decoder_n_points=2, max_text_len=256,
+        dropout=0.0, fusion_droppath=0.0, disable_custom_kernels=True,
+    )
+    torch.manual_seed(seed)
+    model = GroundingDinoForObjectDetection(config).eval()
+    model.save_pretrained(str(folder))
+
+    image_processor = GroundingDinoImageProcessor(
+        size={"shortest_edge": GDINO_SHORTEST_EDGE, "longest_edge": GDINO_LONGEST_EDGE})
+    processor = GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor.save_pretrained(str(folder))
+    (folder / "README.md").write_text(_readme(
+        "grounding-dino-tiny-random",
+        "from transformers import AutoProcessor, AutoModelForZeroShotObjectDetection\n"
+        f"processor = AutoProcessor.from_pretrained('{folder.name}')\n"
+        f"model = AutoModelForZeroShotObjectDetection.from_pretrained('{folder.name}')", seed))
+
+
+def _write_sam(folder: Path, seed: int) -> None:
+    import torch
+    from transformers import (
+        SamConfig,
+        SamImageProcessor,
+        SamMaskDecoderConfig,
+        SamModel,
+        SamProcessor,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    width = 32  # prompt/decoder width == vision output_channels == 2 * num_pos_feats
+    vision = SamVisionConfig(
+        hidden_size=32, output_channels=width, num_hidden_layers=2, num_attention_heads=2,
+        image_size=SAM_IMAGE_SIZE, patch_size=SAM_PATCH_SIZE, mlp_ratio=2.0, window_size=4,
+        global_attn_indexes=[1], num_pos_feats=width // 2,
+    )
+    prompt = SamPromptEncoderConfig(hidden_size=width, image_size=SAM_IMAGE_SIZE,
+                                    patch_size=SAM_PATCH_SIZE, mask_input_channels=4)
+    decoder = SamMaskDecoderConfig(hidden_size=width, mlp_dim=64, num_hidden_layers=2,
+                                   num_attention_heads=2, iou_head_hidden_dim=32)
+    config = SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+    torch.manual_seed(seed)
+    model = SamModel(config).eval()
+    model.save_pretrained(str(folder))
+
+    low_res = 4 * (SAM_IMAGE_SIZE // SAM_PATCH_SIZE)
+    image_processor = SamImageProcessor(
+        size={"longest_edge": SAM_IMAGE_SIZE},
+        pad_size={"height": SAM_IMAGE_SIZE, "width": SAM_IMAGE_SIZE},
+        mask_size={"longest_edge": low_res},
+        mask_pad_size={"height": low_res, "width": low_res},
+    )
+    SamProcessor(image_processor=image_processor).save_pretrained(str(folder))
+    (folder / "README.md").write_text(_readme(
+        "sam-tiny-random",
+        "from transformers import SamModel, SamProcessor\n"
+        f"processor = SamProcessor.from_pretrained('{folder.name}')\n"
+        f"model = SamModel.from_pretrained('{folder.name}')", seed))
+
+
+def write_tiny_models(out_dir: str | Path, seed: int = DEFAULT_SEED, force: bool = False) -> dict[str, Path]:
+    """Write the tiny random GroundingDINO and SAM folders under ``out_dir``.
+
+    Returns ``{"detect": <gdino folder>, "segment": <sam folder>}``. A folder that already holds
+    every expected file is left alone unless ``force``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"detect": out / GDINO_DIR, "segment": out / SAM_DIR}
+    if force or not _complete(paths["detect"], _GDINO_FILES):
+        if (paths["detect"] / "README.md").exists():
+            (paths["detect"] / "README.md").unlink()
+        _write_grounding_dino(paths["detect"], seed)
+    if force or not _complete(paths["segment"], _SAM_FILES):
+        if (paths["segment"] / "README.md").exists():
+            (paths["segment"] / "README.md").unlink()
+        _write_sam(paths["segment"], seed)
+    return paths
+
+
+def describe(paths: dict[str, Path]) -> str:
+    """One line per folder, for the CLI."""
+    return "\n".join(f"{kind}: {path} (RANDOM weights, tests only)" for kind, path in paths.items())
+
+
+__all__ = ["write_tiny_models", "GDINO_DIR", "SAM_DIR", "CAPTION_WORDS", "describe"]
+
+if __name__ == "__main__":  # pragma: no cover - convenience
+    import sys
+
+    print(json.dumps({k: str(v) for k, v in write_tiny_models(sys.argv[1]).items()}))

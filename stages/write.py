@@ -1,0 +1,165 @@
+"""write: one shard at a time, in the output layout of DESIGN.md.
+
+A shard is written as: rejected/ → logs/ → stats/ → index/ → shards/*.tar, each file under a
+temporary name in its own folder and renamed when whole. The ``.tar`` comes last, so "the tar
+exists" means "every other file of the shard exists": :meth:`ShardWriter.is_complete` checks
+all of them anyway, and a rerun redoes any shard that is not complete.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stages.record import ROW_OK, check_record, loads
+
+INDEX_SCHEMA = pa.schema([
+    ("key", pa.string()), ("shard", pa.string()), ("n_entities", pa.int32()),
+    ("n_grounded", pa.int32()), ("status", pa.string()), ("reasons", pa.list_(pa.string())),
+])
+LOG_SCHEMA = pa.schema([
+    ("shard", pa.int32()), ("key", pa.string()), ("entity", pa.int32()), ("phrase", pa.string()),
+    ("root", pa.string()), ("region", pa.int32()), ("det_score", pa.float32()),
+    ("mask_score", pa.float32()), ("inputs", pa.string()), ("raw", pa.string()),
+    ("accept", pa.bool_()), ("reason", pa.string()), ("model", pa.string()),
+    ("prompt", pa.string()), ("latency_ms", pa.float32()), ("tokens", pa.int32()),
+    ("error", pa.string()),
+])
+REJECTED_SCHEMA = pa.schema([
+    ("seq", pa.int64()), ("key", pa.string()), ("reason", pa.string()), ("item", pa.string()),
+])
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through ``write(tmp_path)`` then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    def __init__(self, out_dir: str | os.PathLike, name: str):
+        self.out = Path(out_dir)
+        self.name = name
+        for sub in ("shards", "index", "logs", "rejected", "stats"):
+            (self.out / sub).mkdir(parents=True, exist_ok=True)
+
+    def paths(self, shard: int) -> dict[str, Path]:
+        n = f"{shard:06d}"
+        return {
+            "rejected": self.out / "rejected" / f"{n}.parquet",
+            "log": self.out / "logs" / f"adjudication-{n}.parquet",
+            "stats": self.out / "stats" / f"{n}.json",
+            "index": self.out / "index" / f"{self.name}-{n}.parquet",
+            "tar": self.out / "shards" / f"{self.name}-{n}.tar",
+        }
+
+    def is_complete(self, shard: int) -> bool:
+        return all(p.exists() for p in self.paths(shard).values())
+
+    def clear(self, shard: int) -> None:
+        """Remove what an interrupted run left of a shard (complete files and temp files)."""
+        for path in self.paths(shard).values():
+            for p in (path, path.with_name(f".{path.name}.tmp")):
+                if p.exists():
+                    p.unlink()
+
+    def write_shard(self, shard: int, rows: list[dict]) -> dict:
+        """Write one shard from its rows (dicts with the batch columns), in ``seq`` order."""
+        rows = sorted(rows, key=lambda r: r["seq"])
+        paths = self.paths(shard)
+        shard_file = paths["tar"].name
+        ok = [r for r in rows if r["status"] == ROW_OK]
+        rejected = [r for r in rows if r["status"] != ROW_OK]
+
+        records = []
+        for row in ok:
+            record = loads(row["record"])
+            problems = check_record(record)
+            if problems:
+                # A stage bug must not produce a silently broken sample.
+                raise ValueError(f"sample {record['key']} breaks the schema: {problems}")
+            records.append(record)
+
+        rej_table = pa.table({
+            "seq": [int(r["seq"]) for r in rejected],
+            "key": [str(r["key"]) for r in rejected],
+            "reason": [str(r["reason"]) for r in rejected],
+            "item": [str(r.get("item") or "") for r in rejected],
+        }, schema=REJECTED_SCHEMA)
+        _atomic_write(paths["rejected"], lambda p: pq.write_table(rej_table, p))
+
+        log_rows = []
+        for row in ok:
+            for entry in json.loads(row.get("log") or "[]"):
+                log_rows.append({"shard": shard, **entry})
+        log_table = pa.Table.from_pylist(log_rows, schema=LOG_SCHEMA) if log_rows else LOG_SCHEMA.empty_table()
+        _atomic_write(paths["log"], lambda p: pq.write_table(log_table, p))
+
+        stats = shard_stats(shard, rows, records, log_rows)
+        _atomic_write(paths["stats"], lambda p: p.write_text(json.dumps(stats, indent=1, sort_keys=True)))
+
+        index_rows = []
+        for record in records:
+            n_grounded = sum(e["status"] == "grounded" for e in record["entities"])
+            reasons = sorted({(e.get("reason") or "").split(":")[0] for e in record["entities"]} - {""})
+            index_rows.append({
+                "key": record["key"], "shard": shard_file, "n_entities": len(record["entities"]),
+                "n_grounded": n_grounded, "status": "grounded" if n_grounded else "not_grounded",
+                "reasons": reasons,
+            })
+        index_table = pa.Table.from_pylist(index_rows, schema=INDEX_SCHEMA) if index_rows else INDEX_SCHEMA.empty_table()
+        _atomic_write(paths["index"], lambda p: pq.write_table(index_table, p))
+
+        def write_tar(path: Path) -> None:
+            with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+                for row, record in zip(ok, records):
+                    image = bytes(row["image"])
+                    _add_member(tar, f"{record['key']}.{row['ext']}", image)
+                    _add_member(tar, f"{record['key']}.json",
+                                json.dumps(record, ensure_ascii=False).encode("utf-8"))
+
+        _atomic_write(paths["tar"], write_tar)
+        return stats
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # reproducible shards: same inputs, same bytes
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def shard_stats(shard: int, rows: list[dict], records: list[dict], log_rows: list[dict]) -> dict:
+    """Counts for one shard; stats.json is the sum over shards (see pipeline/stats.py)."""
+    entity_status = Counter(e["status"] for r in records for e in r["entities"])
+    skip_reasons = Counter((e.get("reason") or "").split(":")[0]
+                           for r in records for e in r["entities"] if e["status"] == "skipped")
+    rejected_reasons = Counter(str(r["reason"]).split(":")[0] for r in rows if r["status"] != ROW_OK)
+    verdict_reasons = Counter(l["reason"].split(":")[0] for l in log_rows)
+    stage_seconds: Counter = Counter()
+    for r in rows:
+        for stage, seconds in json.loads(r.get("times") or "{}").items():
+            stage_seconds[stage] += seconds
+    return {
+        "shard": shard,
+        "samples_in": len(rows),
+        "samples_out": len(records),
+        "samples_rejected": len(rows) - len(records),
+        "rejected_by_reason": dict(rejected_reasons),
+        "samples_with_grounding": sum(any(e["status"] == "grounded" for e in r["entities"]) for r in records),
+        "entities": sum(entity_status.values()),
+        "entities_by_status": dict(entity_status),
+        "skipped_by_reason": dict(skip_reasons),
+        "regions": len(log_rows),
+        "regions_accepted": sum(1 for l in log_rows if l["accept"]),
+        "verdicts_by_reason": dict(verdict_reasons),
+        "stage_seconds": {k: round(v, 4) for k, v in stage_seconds.items()},
+    }

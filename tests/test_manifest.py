@@ -1,0 +1,63 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.manifest import ManifestError, load_manifest, parse_override
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "m.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_all_shipped_manifests_validate():
+    for path in sorted((REPO / "manifests").glob("*.yaml")):
+        manifest = load_manifest(path)
+        assert manifest.name and manifest.input.path, path
+
+
+def test_overrides_are_typed_and_applied(tmp_path):
+    path = _write(tmp_path, "name: x\ninput: {path: a.jsonl}\n")
+    m = load_manifest(path, ["detect.box_threshold=0.2", "input.limit=5", "runtime.executor=local",
+                             "adjudicate.base_url=http://127.0.0.1:8000/v1"], out="elsewhere")
+    assert m.detect.box_threshold == 0.2 and m.input.limit == 5
+    assert m.runtime.executor == "local"
+    assert m.adjudicate.base_url == "http://127.0.0.1:8000/v1"
+    assert m.output.path == "elsewhere"
+
+
+@pytest.mark.parametrize("text, override, expected", [
+    ("name: x\ninput: {path: a}\ndetect: {bogus: 1}\n", None, "detect.bogus: unknown field"),
+    ("name: x\ninput: {path: a}\n", "detect.box_threshold=2", "detect.box_threshold"),
+    ("name: x\ninput: {path: a}\n", "input.format=csv", "input.format"),
+    ("name: x\n", None, "input: required field is missing"),
+    ("name: 'a.b'\ninput: {path: a}\n", None, "name"),
+    ("name: x\ninput: {path: a}\n", "adjudicate.judge=openai", "adjudicate.model is required"),
+])
+def test_invalid_fields_name_the_field(tmp_path, text, override, expected):
+    path = _write(tmp_path, text)
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path, [override] if override else [])
+    assert expected in str(err.value)
+
+
+def test_input_format_error_lists_allowed_values(tmp_path):
+    path = _write(tmp_path, "name: x\ninput: {path: a, format: csv}\n")
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    assert "jsonl" in str(err.value) and "webdataset" in str(err.value)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ManifestError):
+        parse_override("no-equals-sign")
+    assert parse_override("a.b=3") == ("a.b", 3)
+    assert parse_override("a.b=text:with=signs") == ("a.b", "text:with=signs")
+
+
+def test_missing_manifest_file(tmp_path):
+    with pytest.raises(ManifestError, match="not found"):
+        load_manifest(tmp_path / "nope.yaml")
