@@ -33,6 +33,11 @@ class ImageConfig(_Section):
     max_side: int = Field(8192, ge=16, description="larger images are rejected")
     max_aspect: float = Field(20.0, gt=1, description="images more elongated than this are rejected")
     max_bytes: int = Field(50_000_000, ge=1024, description="bigger image files are rejected")
+    modes: Literal["convert", "reject"] = Field(
+        "convert",
+        description="unusual pixel modes (CMYK, 16-bit, alpha RGBA/LA/PA, palette P, ...): convert = convert to "
+                    "8-bit RGB (alpha composited on white, 16-bit scaled) and re-encode; reject = reject the "
+                    "image with 'unsupported_mode: MODE'. Grayscale (L, 1) is always converted")
 
 
 class ParseConfig(_Section):

@@ -158,6 +158,12 @@ def _write_grounding_dino(folder: Path, seed: int) -> None:
         size={"shortest_edge": GDINO_SHORTEST_EDGE, "longest_edge": GDINO_LONGEST_EDGE})
     processor = GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer)
     processor.save_pretrained(str(folder))
+    # from_pretrained leaves loading flags in the saved tokenizer config: drop them.
+    tok_cfg_path = folder / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text())
+    for key in ("is_local", "local_files_only", "name_or_path"):
+        tok_cfg.pop(key, None)
+    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
     (folder / "README.md").write_text(_readme(
         "grounding-dino-tiny-random",
         "from transformers import AutoProcessor, AutoModelForZeroShotObjectDetection\n"
@@ -211,21 +217,27 @@ def _write_sam(folder: Path, seed: int) -> None:
 def write_tiny_models(out_dir: str | Path, seed: int = DEFAULT_SEED, force: bool = False) -> dict[str, Path]:
     """Write the tiny random GroundingDINO and SAM folders under ``out_dir``.
 
-    Returns ``{"detect": <gdino folder>, "segment": <sam folder>}``. A folder that already holds
-    every expected file is left alone unless ``force``.
+    Returns ``{"grounding-dino-tiny-random": <folder>, "sam-tiny-random": <folder>}`` (use them as
+    ``detect.model`` / ``segment.model``). A folder that already holds every expected file is left
+    alone unless ``force``; an incomplete one is rewritten (README.md is written last, so an
+    interrupted write is never taken for complete).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"detect": out / GDINO_DIR, "segment": out / SAM_DIR}
-    if force or not _complete(paths["detect"], _GDINO_FILES):
-        if (paths["detect"] / "README.md").exists():
-            (paths["detect"] / "README.md").unlink()
-        _write_grounding_dino(paths["detect"], seed)
-    if force or not _complete(paths["segment"], _SAM_FILES):
-        if (paths["segment"] / "README.md").exists():
-            (paths["segment"] / "README.md").unlink()
-        _write_sam(paths["segment"], seed)
-    return paths
+    gdino, sam = out / GDINO_DIR, out / SAM_DIR
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        for folder, files, writer in ((gdino, _GDINO_FILES, _write_grounding_dino), (sam, _SAM_FILES, _write_sam)):
+            if force or not _complete(folder, files):
+                (folder / "README.md").unlink(missing_ok=True)
+                writer(folder, seed)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return {GDINO_DIR: gdino, SAM_DIR: sam}
 
 
 def describe(paths: dict[str, Path]) -> str:

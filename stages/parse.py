@@ -113,7 +113,9 @@ NUMBER_WORDS = {
 EXPRESSION_DEPS = frozenset({"prep", "acl", "relcl", "amod", "nummod", "compound", "advmod", "npadvmod"})
 # Tokens at which an expression is cut even inside an included modifier's subtree.
 CUT_DEPS = frozenset({"cc", "conj", "preconj"})
-CUT_PUNCT = frozenset({",", ";", ":", "(", ")", "-", "--", "—"})
+# Dependents that never start a phrase.
+LEADING_JUNK_DEPS = frozenset({"cc", "preconj", "punct"})
+CUT_PUNCT = frozenset({",", ";", ":", "(", ")", "--", "—"})  # not "-": "cloud-wreathed"
 
 
 # --- model loading -------------------------------------------------------------------------
@@ -158,8 +160,12 @@ def parser_version(nlp) -> str:
 # --- entity extraction ---------------------------------------------------------------------
 
 def _trim(tokens_start: int, tokens_end: int, doc) -> tuple[int, int]:
-    """Drop punctuation/whitespace tokens at both ends of ``doc[tokens_start:tokens_end]``."""
-    while tokens_start < tokens_end and (doc[tokens_start].is_punct or doc[tokens_start].is_space):
+    """Drop punctuation/whitespace tokens at both ends of ``doc[tokens_start:tokens_end]``,
+    and a leading conjunction: a mis-parse can hang "and" on the second conjunct
+    ("Dogs!!! and cats???" gives the chunk "and cats")."""
+    while tokens_start < tokens_end and (
+        doc[tokens_start].is_punct or doc[tokens_start].is_space or doc[tokens_start].dep_ in LEADING_JUNK_DEPS
+    ):
         tokens_start += 1
     while tokens_end > tokens_start and (doc[tokens_end - 1].is_punct or doc[tokens_end - 1].is_space):
         tokens_end -= 1
@@ -246,11 +252,15 @@ def _expression_end(doc, root, phrase_end: int) -> int:
             continue  # already inside the phrase (partitive "of" object)
         if child.dep_ not in EXPRESSION_DEPS:
             break
+        if child.dep_ == "prep" and any(g.dep_ == "pobj" and g.pos_ in ("ADJ", "DET") for g in child.children):
+            # A preposition whose object is an adjective/determiner is a mis-tagged noun
+            # ("on a small moped" with moped tagged VBN): stop before the dangling fragment.
+            break
         end = child.right_edge.i + 1
     # Cut at coordination or separating punctuation inside what we took.
     for i in range(phrase_end, end):
         token = doc[i]
-        if token.dep_ in CUT_DEPS or (token.is_punct and token.text in CUT_PUNCT):
+        if token.dep_ in CUT_DEPS or (token.is_punct and token.text in CUT_PUNCT) or (token.is_space and "\n" in token.text):
             end = i
             break
     # Never end on punctuation or whitespace ("a man ." -> "a man").
@@ -315,7 +325,7 @@ def extract_entities(doc, turn: int | None = None, max_entities: int = DEFAULT_M
 
         # The expression grows from the partitive's head ("a group of people standing ...")
         # because the participle attaches to it, not to the noun after "of".
-        expr_end = max(_expression_end(doc, root, end), end)
+        expr_end = _expression_end(doc, root, end)
         if of_obj is not None:
             expr_end = max(expr_end, _expression_end(doc, of_obj, end))
         c_start, c_end = _char_span(doc, start, end)
@@ -378,15 +388,16 @@ class ParseStage:
         self.parser_name = ""
 
     def setup(self) -> None:
-        """Load spaCy once per worker (idempotent)."""
+        """Load spaCy once per worker (idempotent; an ``nlp`` set beforehand is kept)."""
         if self.nlp is None:
             self.nlp = load_spacy(self.model)
+        if not self.parser_name:
             self.parser_name = parser_version(self.nlp)
 
     def __call__(self, batch: dict) -> dict:
         self.setup()
         n = rec.batch_len(batch)
-        statuses = [str(s) for s in batch["status"]]
+        statuses = list(batch["status"])
         reasons = list(batch["reason"]) if "reason" in batch else [""] * n
         records_col = list(batch["record"])
 
@@ -396,9 +407,14 @@ class ParseStage:
         jobs: list[tuple[int, int | None]] = []  # one per text: (row, turn)
         texts: list[str] = []
         for i in range(n):
-            if statuses[i] != rec.ROW_OK:
+            if str(statuses[i]) != rec.ROW_OK:
                 continue  # rejected rows pass through untouched
-            record = rec.loads(records_col[i])
+            try:
+                record = rec.loads(records_col[i])
+            except (TypeError, ValueError) as exc:  # a broken record is rejected, not a crashed batch
+                statuses[i] = rec.ROW_REJECTED
+                reasons[i] = f"bad_record: {exc.__class__.__name__}"
+                continue
             parsed[i] = record
             for turn, text in _texts_of(record):
                 jobs.append((i, turn))

@@ -1,0 +1,339 @@
+"""ground: GroundingDINO boxes for every candidate entity (``status is None``) of a sample.
+
+Per sample the distinct (normalised) phrases of the candidate entities form GroundingDINO
+prompts ``"a man . a red helmet ."``; a sample whose phrases do not fit in
+``detect.max_text_tokens`` (and never more than the model's ``max_text_len``) gets several
+prompts, each phrase in exactly one of them. Predictions are tied back to phrases by **token
+positions**: the token range of each phrase is known from the tokenizer's offsets for the
+prompt built here, a query's score for a phrase is the max sigmoid logit over that range, and a
+query becomes a box of the phrase when that score is >= ``text_threshold`` and the query's max
+score (over all prompt tokens, as in GroundingDINO) is >= ``box_threshold``. Decoded label
+strings are never compared. Boxes are scaled to the stored image (the ``pixels`` array), clipped,
+degenerate ones dropped, then per-phrase NMS and the top ``max_boxes_per_phrase`` by score.
+
+Each entity gets the boxes of its phrase text as regions
+``{"id", "entity", "box_xyxy", "det_score"}`` where ``det_score`` is the phrase score.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from stages import record as rec
+from stages.models import autocast, load_pretrained, model_ref, resolve_device, resolve_dtype
+
+MIN_BOX_SIDE = 1.0  # pixels; narrower/shorter boxes (after clipping) are degenerate
+
+# GroundingDINO treats '.' and '?' as phrase delimiters (its SPECIAL_TOKENS), so they cannot
+# appear inside a phrase.
+_DELIMS = re.compile(r"[.?]+")
+_SPACE = re.compile(r"\s+")
+
+
+def normalize_phrase(phrase: str) -> str:
+    """Prompt text of a phrase: lower case, GroundingDINO delimiters removed, whitespace collapsed."""
+    return _SPACE.sub(" ", _DELIMS.sub(" ", str(phrase).lower())).strip()
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One GroundingDINO text prompt.
+
+    ``keys``: the normalised phrases it holds, in order; ``spans``: for each key, the token
+    index range ``[start, end)`` of that phrase in ``tokenizer(text)`` (special tokens included
+    in the indexing, so index 0 is ``[CLS]``); ``n_tokens``: length of the tokenized prompt.
+    """
+
+    text: str
+    keys: tuple[str, ...]
+    spans: tuple[tuple[int, int], ...]
+    n_tokens: int
+
+
+def _token_spans(tokenizer, text: str, char_spans: Sequence[tuple[int, int]]) -> tuple[list[tuple[int, int]], int]:
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    spans = []
+    for c0, c1 in char_spans:
+        idx = [t for t, (s, e) in enumerate(offsets) if e > s and s >= c0 and e <= c1]
+        spans.append((idx[0], idx[-1] + 1) if idx else (0, 0))
+    return spans, len(enc["input_ids"])
+
+
+def build_prompts(keys: Sequence[str], tokenizer, max_tokens: int) -> list[Prompt]:
+    """Pack distinct normalised phrases into as few prompts of at most ``max_tokens`` tokens
+    (``[CLS]``/``[SEP]`` and the ``.`` after each phrase included) as greedy order allows.
+
+    Every phrase that has at least one token lands in exactly one prompt; a phrase too long
+    for a prompt of its own is cut to its first ``max_tokens - 3`` tokens.
+    """
+    if max_tokens < 4:
+        raise ValueError(f"max_tokens must be at least 4, got {max_tokens}")
+    pieces: list[tuple[str, str, int]] = []  # (key, text used in the prompt, n tokens)
+    seen: set[str] = set()
+    for key in keys:
+        if not key or key in seen:
+            continue
+        seen.add(key)
+        enc = tokenizer(key, add_special_tokens=False, return_offsets_mapping=True)
+        n = len(enc["input_ids"])
+        if n == 0:
+            continue
+        text = key
+        if n + 3 > max_tokens:
+            n = max_tokens - 3
+            text = key[: enc["offset_mapping"][n - 1][1]]
+        pieces.append((key, text, n))
+
+    groups: list[list[tuple[str, str, int]]] = []
+    used = max_tokens + 1
+    for piece in pieces:
+        cost = piece[2] + 1  # the phrase and its " ."
+        if used + cost > max_tokens:
+            groups.append([])
+            used = 2  # [CLS] ... [SEP]
+        groups[-1].append(piece)
+        used += cost
+
+    prompts = []
+    for group in groups:
+        parts, char_spans, pos = [], [], 0
+        for _, text, _ in group:
+            char_spans.append((pos, pos + len(text)))
+            parts.append(text)
+            pos += len(text) + 3  # " . "
+        text = " . ".join(parts) + " ."
+        spans, n_tokens = _token_spans(tokenizer, text, char_spans)
+        if n_tokens > max_tokens:  # wordpiece is compositional across " . ": should not happen
+            raise RuntimeError(f"prompt of {n_tokens} tokens exceeds the limit {max_tokens}: {text!r}")
+        prompts.append(Prompt(text=text, keys=tuple(k for k, _, _ in group), spans=tuple(spans),
+                              n_tokens=n_tokens))
+    return prompts
+
+
+def phrase_scores(logits: torch.Tensor, spans: Sequence[tuple[int, int]],
+                  box_threshold: float, text_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tie queries to phrases by token positions.
+
+    ``logits``: (num_queries, num_text_tokens) raw GroundingDINO logits of one prompt (padding
+    positions may be ``-inf``); ``spans``: token range ``[start, end)`` of each phrase.
+    Returns ``(keep, scores)``, both (num_queries, num_phrases): ``scores[q, p]`` is the max
+    sigmoid over phrase p's tokens; ``keep[q, p]`` is ``scores[q, p] >= text_threshold`` and the
+    query's max sigmoid over all tokens ``>= box_threshold``. A phrase with an empty span is never kept.
+    """
+    probs = logits.float().sigmoid()
+    num_queries = probs.shape[0]
+    scores = torch.zeros((num_queries, len(spans)), dtype=probs.dtype, device=probs.device)
+    valid = torch.zeros(len(spans), dtype=torch.bool, device=probs.device)
+    for p, (start, end) in enumerate(spans):
+        if end > start:
+            scores[:, p] = probs[:, start:end].amax(dim=-1)
+            valid[p] = True
+    query_max = probs.amax(dim=-1) if probs.shape[-1] else torch.zeros(num_queries, device=probs.device)
+    keep = (scores >= text_threshold) & (query_max >= box_threshold)[:, None] & valid[None, :]
+    return keep, scores
+
+
+def cxcywh_to_xyxy(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Normalised (cx, cy, w, h) -> absolute (x0, y0, x1, y1) pixels of a width x height image."""
+    cx, cy, w, h = boxes.float().unbind(-1)
+    out = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+    return out * torch.tensor([width, height, width, height], dtype=out.dtype, device=out.device)
+
+
+def select_boxes(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, width: int, height: int,
+                 nms_iou: float, max_per_label: int, min_side: float = MIN_BOX_SIDE) -> torch.Tensor:
+    """Indices of the boxes to keep: clip into the image, drop degenerate (side < ``min_side``) and
+    non-finite boxes, per-label NMS (``torchvision.ops.batched_nms``), then the top
+    ``max_per_label`` of each label by score. Returned in (label, descending score) order.
+    ``boxes`` are modified in place by the clipping (pass a copy to keep the input).
+    """
+    from torchvision.ops import batched_nms
+
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    ok = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
+    ok &= (boxes[:, 2] - boxes[:, 0] >= min_side) & (boxes[:, 3] - boxes[:, 1] >= min_side)
+    idx = ok.nonzero().flatten()
+    if idx.numel() == 0:
+        return idx
+    kept = idx[batched_nms(boxes[idx].float(), scores[idx].float(), labels[idx], nms_iou)]
+    out = []
+    for label in sorted(set(labels[kept].tolist())):
+        mine = kept[labels[kept] == label]
+        order = torch.argsort(scores[mine], descending=True, stable=True)
+        out.append(mine[order][:max_per_label])
+    return torch.cat(out) if out else kept
+
+
+def rgb_pixels(pixels: Any) -> np.ndarray:
+    """The ``pixels`` cell as an (H, W, 3) uint8 array."""
+    arr = np.asarray(pixels)
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    if arr.ndim != 3:
+        raise ValueError(f"pixels must be HxWx3, got shape {arr.shape}")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    elif arr.shape[-1] == 4:
+        arr = arr[..., :3]
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def _like(column: Any, values: list) -> Any:
+    if isinstance(column, np.ndarray):
+        out = np.empty(len(values), dtype=object)
+        out[:] = values
+        return out
+    return values
+
+
+def _status_ok(batch: dict, i: int) -> bool:
+    if "status" not in batch:
+        return True
+    status = batch["status"][i]
+    if isinstance(status, bytes):
+        status = status.decode()
+    return status != rec.ROW_REJECTED
+
+
+class GroundStage:
+    """GroundingDINO detection stage (see module docstring). ``setup()`` loads the model once."""
+
+    provenance_key = "detector"
+
+    def __init__(self, detect, runtime):
+        self.detect = detect
+        self.runtime = runtime
+        self.model = None
+        self.processor = None
+        self.device: torch.device | None = None
+        self.dtype: torch.dtype | None = None
+        self.max_tokens: int | None = None
+        self.ref = model_ref(detect.model, detect.revision)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        if self.model is not None:
+            return
+        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+        self.device = resolve_device(self.runtime.device)
+        self.dtype = resolve_dtype(self.runtime.dtype, self.device)
+        self.processor = load_pretrained(AutoProcessor, self.detect.model, self.detect.revision,
+                                         field="detect.model")
+        model = load_pretrained(AutoModelForZeroShotObjectDetection, self.detect.model, self.detect.revision,
+                                field="detect.model")
+        self.model = model.to(self.device).eval()
+        limit = int(getattr(self.model.config, "max_text_len", 256))
+        self.max_tokens = min(int(self.detect.max_text_tokens), limit)
+        self.ref = model_ref(self.detect.model, self.detect.revision)
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    # -- inference ---------------------------------------------------------------------------
+    def _forward(self, images: list[np.ndarray], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        pix = self.processor.image_processor(images, return_tensors="pt", input_data_format="channels_last")
+        tok = self.tokenizer(texts, padding="longest", return_tensors="pt")
+        inputs = {
+            "pixel_values": pix["pixel_values"].to(self.device),
+            "pixel_mask": pix["pixel_mask"].to(self.device),
+            "input_ids": tok["input_ids"].to(self.device),
+            "attention_mask": tok["attention_mask"].to(self.device),
+        }
+        if "token_type_ids" in tok:
+            inputs["token_type_ids"] = tok["token_type_ids"].to(self.device)
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            out = self.model(**inputs)
+        return out.logits.float().cpu(), out.pred_boxes.float().cpu()
+
+    def detect_batch(self, images: list[np.ndarray], keys_per_image: list[list[str]]) -> list[dict[str, list[tuple[list[float], float]]]]:
+        """Boxes per distinct phrase for each image: ``[{key: [(box_xyxy, score), ...]}]``
+        (after NMS and the per-phrase cap, best first)."""
+        self.setup()
+        cfg = self.detect
+        jobs: list[tuple[int, Prompt]] = []
+        for i, keys in enumerate(keys_per_image):
+            for prompt in build_prompts(keys, self.tokenizer, self.max_tokens):
+                jobs.append((i, prompt))
+        found: list[list[tuple[torch.Tensor, torch.Tensor, str]]] = [[] for _ in images]
+        for start in range(0, len(jobs), cfg.batch_size):
+            chunk = jobs[start:start + cfg.batch_size]
+            logits, boxes = self._forward([images[i] for i, _ in chunk], [p.text for _, p in chunk])
+            for j, (i, prompt) in enumerate(chunk):
+                keep, scores = phrase_scores(logits[j], prompt.spans, cfg.box_threshold, cfg.text_threshold)
+                height, width = images[i].shape[:2]
+                xyxy = cxcywh_to_xyxy(boxes[j], width, height)
+                for p, key in enumerate(prompt.keys):
+                    q = keep[:, p].nonzero().flatten()
+                    if q.numel():
+                        found[i].append((xyxy[q], scores[q, p], key))
+        results: list[dict[str, list[tuple[list[float], float]]]] = []
+        for i, hits in enumerate(found):
+            per_key: dict[str, list[tuple[list[float], float]]] = {}
+            if hits:
+                keys = sorted({k for _, _, k in hits}, key=[k for _, _, k in hits].index)
+                label_of = {k: n for n, k in enumerate(keys)}
+                all_boxes = torch.cat([b for b, _, _ in hits]).clone()
+                all_scores = torch.cat([s for _, s, _ in hits])
+                labels = torch.cat([torch.full((len(s),), label_of[k], dtype=torch.long) for _, s, k in hits])
+                height, width = images[i].shape[:2]
+                kept = select_boxes(all_boxes, all_scores, labels, width, height, cfg.nms_iou,
+                                    cfg.max_boxes_per_phrase)
+                for n in kept.tolist():
+                    box = [round(float(v), 2) for v in all_boxes[n].tolist()]
+                    box = [min(max(box[0], 0.0), width), min(max(box[1], 0.0), height),
+                           min(max(box[2], 0.0), width), min(max(box[3], 0.0), height)]
+                    per_key.setdefault(keys[int(labels[n])], []).append((box, round(float(all_scores[n]), 5)))
+            results.append(per_key)
+        return results
+
+    def __call__(self, batch: dict) -> dict:
+        n = rec.batch_len(batch)
+        records = list(batch["record"])
+        todo: list[tuple[int, dict, list[dict], list[str]]] = []
+        out_records = list(records)
+        for i in range(n):
+            if not _status_ok(batch, i):
+                continue
+            record = rec.loads(records[i])
+            record.setdefault("provenance", {})[self.provenance_key] = self.ref
+            candidates = [e for e in record.get("entities", []) if e.get("status") is None]
+            keys = []
+            for ent in candidates:
+                key = normalize_phrase(ent["phrase"])
+                if key and key not in keys:
+                    keys.append(key)
+            if keys:
+                todo.append((i, record, candidates, keys))
+            else:
+                out_records[i] = rec.dumps(record)
+        if todo:
+            self.setup()
+            images = [rgb_pixels(batch["pixels"][i]) for i, _, _, _ in todo]
+            detections = self.detect_batch(images, [keys for _, _, _, keys in todo])
+            for (i, record, candidates, _), per_key in zip(todo, detections):
+                regions = record.setdefault("regions", [])
+                next_id = max((r["id"] for r in regions), default=-1) + 1
+                for ent in candidates:
+                    for box, score in per_key.get(normalize_phrase(ent["phrase"]), []):
+                        regions.append({"id": next_id, "entity": ent["id"], "box_xyxy": box, "det_score": score})
+                        next_id += 1
+                out_records[i] = rec.dumps(record)
+        out = dict(batch)
+        out["record"] = _like(batch["record"], out_records)
+        return out
+
+
+__all__ = ["GroundStage", "Prompt", "normalize_phrase", "build_prompts", "phrase_scores", "cxcywh_to_xyxy",
+           "select_boxes", "rgb_pixels", "MIN_BOX_SIDE"]

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random models and the offline sample inputs, made once per session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# No test may reach the network or a real hub model.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    from pipeline.tiny_models import write_tiny_models
+
+    return write_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def sample_jsonl(tmp_path_factory) -> Path:
+    from pipeline.sample_data import write_sample_data
+
+    return write_sample_data(tmp_path_factory.mktemp("sample-data"))
+
+
+@pytest.fixture
+def sample_manifest_args(tiny_models, sample_jsonl, tmp_path):
+    """--set overrides that point manifests/sample.yaml at the session's tiny models and data."""
+    det = tiny_models["grounding-dino-tiny-random"] if "grounding-dino-tiny-random" in tiny_models else next(
+        p for k, p in tiny_models.items() if "dino" in k)
+    sam = tiny_models["sam-tiny-random"] if "sam-tiny-random" in tiny_models else next(
+        p for k, p in tiny_models.items() if "sam" in k)
+    return [f"input.path={sample_jsonl}", f"detect.model={det}", f"segment.model={sam}"]

@@ -1,0 +1,221 @@
+"""The whole build on the offline sample: output layout, schema, readers, Ray, resume, kill -9."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.manifest import ManifestError, load_manifest
+from pipeline.runner import build
+from stages.record import check_record
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "manifests" / "sample.yaml"
+
+
+def _build(out: Path, overrides: list[str], executor: str = "local") -> dict:
+    manifest = load_manifest(SAMPLE, overrides + [f"runtime.executor={executor}"], out=str(out))
+    return build(manifest, progress=False)
+
+
+def _records(out: Path) -> dict[str, dict]:
+    """key -> record, read straight from the tar files."""
+    records = {}
+    for tar_path in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    rec = json.loads(tar.extractfile(member).read())
+                    assert rec["key"] not in records, f"duplicate sample {rec['key']}"
+                    records[rec["key"]] = rec
+    return records
+
+
+def _rejected(out: Path) -> dict[str, str]:
+    rows = {}
+    for path in sorted((out / "rejected").glob("*.parquet")):
+        for row in pq.read_table(path).to_pylist():
+            rows[row["key"]] = row["reason"]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def module_overrides(tmp_path_factory):
+    from pipeline.sample_data import write_sample_data
+    from pipeline.tiny_models import write_tiny_models
+
+    models = write_tiny_models(tmp_path_factory.mktemp("models"))
+    jsonl = write_sample_data(tmp_path_factory.mktemp("data"))
+    det = next(p for k, p in models.items() if "dino" in k)
+    sam = next(p for k, p in models.items() if "sam" in k)
+    return [f"input.path={jsonl}", f"detect.model={det}", f"segment.model={sam}"]
+
+
+@pytest.fixture(scope="module")
+def local_out(module_overrides, tmp_path_factory):
+    out = tmp_path_factory.mktemp("build") / "sample"
+    _build(out, module_overrides)
+    return out
+
+
+def _input_lines(overrides) -> int:
+    jsonl = Path(next(o for o in overrides if o.startswith("input.path=")).split("=", 1)[1])
+    return sum(1 for line in jsonl.read_text().splitlines() if line.strip())
+
+
+def test_every_input_is_written_or_rejected_with_a_reason(local_out, module_overrides):
+    stats = json.loads((local_out / "stats.json").read_text())
+    records, rejected = _records(local_out), _rejected(local_out)
+    assert len(records) + len(rejected) == _input_lines(module_overrides) == stats["samples_in"]
+    assert stats["samples_out"] == len(records) and stats["samples_rejected"] == len(rejected)
+    assert all(reason for reason in rejected.values())
+    prefixes = {r.split(":")[0] for r in rejected.values()}
+    # the sample carries these broken inputs on purpose
+    for expected in ("duplicate_id", "empty_caption", "no_noun_phrases"):
+        assert expected in prefixes, (expected, prefixes)
+    assert len(records) >= 15
+
+
+def test_layout_and_schema(local_out):
+    for name in ("stats.json", "manifest.resolved.yaml", "README.md"):
+        assert (local_out / name).is_file()
+    tars = sorted((local_out / "shards").glob("*.tar"))
+    assert tars and all(t.name.startswith("sample-") for t in tars)
+    for tar in tars:
+        n = tar.stem.split("-")[-1]
+        assert (local_out / "index" / f"sample-{n}.parquet").is_file()
+        assert (local_out / "logs" / f"adjudication-{n}.parquet").is_file()
+    records = _records(local_out)
+    statuses = set()
+    for rec in records.values():
+        assert check_record(rec) == [], rec["key"]
+        assert "." not in rec["key"] and "/" not in rec["key"]
+        for ent in rec["entities"]:
+            statuses.add(ent["status"])
+            text = rec["text"]["caption"] if ent["turn"] is None else rec["text"]["conversations"][ent["turn"]]["value"]
+            assert text[ent["start"]:ent["end"]] == ent["phrase"]
+    assert "skipped" in statuses and len(statuses) >= 3, statuses
+    index = {r["key"]: r for p in (local_out / "index").glob("*.parquet") for r in pq.read_table(p).to_pylist()}
+    assert set(index) == set(records)
+    for key, row in index.items():
+        assert row["n_grounded"] == sum(e["status"] == "grounded" for e in records[key]["entities"])
+    logs = [r for p in (local_out / "logs").glob("*.parquet") for r in pq.read_table(p).to_pylist()]
+    assert len(logs) == sum(len(r["regions"]) for r in records.values())
+
+
+def test_webdataset_reader_and_masks(local_out):
+    import webdataset as wds
+    from pycocotools import mask as mask_utils
+
+    urls = [str(p) for p in sorted((local_out / "shards").glob("*.tar"))]
+    seen = 0
+    n_masks = 0
+    for sample in wds.WebDataset(urls, shardshuffle=False):
+        rec = json.loads(sample["json"])
+        image_key = next(k for k in ("jpg", "png", "webp") if k in sample)
+        image = Image.open(io.BytesIO(sample[image_key]))
+        assert image.size == (rec["image"]["width"], rec["image"]["height"])
+        assert image.mode == "RGB"
+        for region in rec["regions"]:
+            mask = mask_utils.decode(region["mask_rle"])
+            assert mask.shape == (rec["image"]["height"], rec["image"]["width"])
+            assert int(mask.sum()) == region["area"]
+            n_masks += 1
+        seen += 1
+    assert seen == len(_records(local_out))
+    assert n_masks > 0, "the sample should produce some candidate regions"
+
+
+def test_datasets_load_dataset_reads_shards(local_out):
+    from datasets import load_dataset
+
+    ds = load_dataset("webdataset", data_files={"train": str(local_out / "shards" / "*.tar")},
+                      split="train", cache_dir=str(local_out.parent / "hf-cache"))
+    assert len(ds) == len(_records(local_out))
+    row = ds[0]
+    assert "json" in row and isinstance(row["json"], dict)
+    assert set(row["json"]) >= {"key", "image", "text", "entities", "regions", "provenance"}
+
+
+def test_rerun_skips_complete_shards(local_out, module_overrides):
+    before = {p: p.stat().st_mtime_ns for p in (local_out / "shards").glob("*.tar")}
+    stats = _build(local_out, module_overrides)
+    assert stats["last_run"]["samples_processed"] == 0
+    assert stats["last_run"]["shards_skipped"] == len(before)
+    assert {p: p.stat().st_mtime_ns for p in (local_out / "shards").glob("*.tar")} == before
+
+
+def test_rerun_with_other_layout_is_refused(local_out, module_overrides):
+    with pytest.raises(ManifestError, match="samples_per_shard"):
+        _build(local_out, module_overrides + ["output.samples_per_shard=3"])
+
+
+@pytest.mark.slow
+def test_ray_plan_gives_the_same_samples_as_the_local_loop(local_out, module_overrides, tmp_path):
+    out = tmp_path / "ray"
+    stats = _build(out, module_overrides, executor="ray")
+    assert stats["last_run"]["executor"] == "ray"
+    assert _records(out) == _records(local_out)
+    assert _rejected(out) == _rejected(local_out)
+
+
+def _cli(args, **kw):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled")
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor, kill_after_shards", [("local", 1), ("local", 4), ("ray", 2)])
+def test_kill_9_then_rerun_equals_uninterrupted(local_out, module_overrides, tmp_path, executor, kill_after_shards):
+    out = tmp_path / "killed"
+    sets = module_overrides + ["output.samples_per_shard=2", "runtime.cpu_batch_size=2",
+                               f"runtime.executor={executor}"]
+    args = ["build", str(SAMPLE), "--out", str(out), "--no-progress"] + [x for s in sets for x in ("--set", s)]
+    proc = _cli(args, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((out / "shards").glob("*.tar"))) >= kill_after_shards:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the build finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and every worker it started
+    proc.wait()
+    written = len(list((out / "shards").glob("*.tar")))
+    assert written >= kill_after_shards
+    rerun = _cli(args)
+    _, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err.decode()[-3000:]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["last_run"]["shards_skipped"] >= kill_after_shards
+    assert _records(out) == _records(local_out)
+    assert _rejected(out) == _rejected(local_out)
+    assert not list(out.rglob(".*.tmp"))
+
+
+def test_cli_exit_codes(tmp_path, module_overrides):
+    bad = _cli(["build", str(SAMPLE), "--set", "detect.box_treshold=0.3"])
+    _, err = bad.communicate(timeout=120)
+    assert bad.returncode == 2 and b"detect.box_treshold: unknown field" in err
+
+    env_home = tmp_path / "empty-hf-home"
+    missing = subprocess.run(
+        [sys.executable, "-m", "pipeline", "build", str(SAMPLE), "--out", str(tmp_path / "o"),
+         "--set", "detect.model=IDEA-Research/grounding-dino-base",
+         *[x for s in module_overrides if not s.startswith("detect.model") for x in ("--set", s)]],
+        cwd=REPO, capture_output=True, timeout=120,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(env_home)))
+    assert missing.returncode == 2, missing.stderr.decode()[-2000:]
+    assert b"IDEA-Research/grounding-dino-base" in missing.stderr
+    assert not (tmp_path / "o" / "shards").exists() or not list((tmp_path / "o" / "shards").iterdir())
