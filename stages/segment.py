@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from stages import record as rec
-from stages.ground import _like, _status_ok, rgb_pixels
+from stages.ground import BatchRows
 from stages.models import autocast, load_pretrained, model_ref, resolve_device, resolve_dtype
 
 
@@ -95,33 +95,29 @@ class SegmentStage:
         return results
 
     def __call__(self, batch: dict) -> dict:
-        n = rec.batch_len(batch)
-        records = list(batch["record"])
-        out_records = list(records)
-        todo: list[tuple[int, dict, list[dict]]] = []
-        for i in range(n):
-            if not _status_ok(batch, i):
+        rows = BatchRows(batch)
+        todo: list[tuple[int, dict, list[dict], np.ndarray]] = []
+        for i in range(rows.n):
+            if not rows.ok(i):
                 continue
-            record = rec.loads(records[i])
+            record = rec.loads(rows.records[i])
             record.setdefault("provenance", {})[self.provenance_key] = self.ref
             regions = [r for r in record.get("regions", []) if r.get("box_xyxy") and r.get("mask_rle") is None]
             if regions:
-                todo.append((i, record, regions))
+                image = rows.pixels(i)
+                if image is not None:
+                    todo.append((i, record, regions, image))
             else:
-                out_records[i] = rec.dumps(record)
+                rows.records[i] = rec.dumps(record)
         if todo:
-            self.setup()
-            images = [rgb_pixels(batch["pixels"][i]) for i, _, _ in todo]
-            results = self.segment_images(images, [[r["box_xyxy"] for r in regions] for _, _, regions in todo])
-            for (i, record, regions), (masks, ious) in zip(todo, results):
+            results = self.segment_images([t[3] for t in todo], [[r["box_xyxy"] for r in t[2]] for t in todo])
+            for (i, record, regions, _), (masks, ious) in zip(todo, results):
                 for region, rle, m, iou in zip(regions, encode_masks(masks), masks, ious):
                     region["mask_rle"] = rle
                     region["mask_score"] = round(min(max(float(iou), 0.0), 1.0), 5)  # predicted IoU, clipped
                     region["area"] = int(m.sum())
-                out_records[i] = rec.dumps(record)
-        out = dict(batch)
-        out["record"] = _like(batch["record"], out_records)
-        return out
+                rows.records[i] = rec.dumps(record)
+        return rows.result()
 
 
 __all__ = ["SegmentStage", "encode_masks", "scale_boxes"]

@@ -216,6 +216,16 @@ def test_ground_stage_batch(ground_stage):
         assert not problems
 
 
+def test_unusable_pixels_reject_the_row_not_the_batch(ground_stage):
+    batch = two_image_batch()
+    batch["pixels"][1] = None
+    out = ground_stage(batch)
+    assert out["status"][1] == rec.ROW_REJECTED and out["reason"][1].startswith("bad_pixels:")
+    assert out["record"][1] == batch["record"][1]
+    assert out["status"][0] == rec.ROW_OK and rec.loads(out["record"][0])["regions"]
+    assert batch["status"][1] == rec.ROW_OK  # the input batch is not modified
+
+
 def test_ground_stage_is_deterministic(ground_stage):
     first = ground_stage(two_image_batch())["record"]
     second = ground_stage(two_image_batch())["record"]

@@ -515,3 +515,20 @@ def test_import_does_not_load_spacy():
     code = "import sys, stages.parse; print('spacy' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+# --- internals worth pinning ----------------------------------------------------------------
+
+def test_inlined_noun_chunks_match_spacy(nlp):
+    # extract_entities inlines spaCy's English noun_chunks rule for speed; it must agree.
+    from stages.parse import _noun_chunks
+
+    for doc in nlp.pipe(list(CAPTIONS) + EXTRA + [t["value"] for t in CONVERSATION]):
+        assert [(s, e) for s, e, _ in _noun_chunks(list(doc))] == [(c.start, c.end) for c in doc.noun_chunks]
+
+
+def test_unparsed_doc_is_an_error(nlp):
+    doc = nlp.make_doc("A dog on a bed.")  # tokenizer only, no parse
+    with pytest.raises(ValueError, match="parser"):
+        extract_entities(doc)
+    assert extract_entities(nlp.make_doc("")) == []

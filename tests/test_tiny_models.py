@@ -2,12 +2,31 @@
 consistent sizes, deterministic bytes, not rewritten when complete."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
 import torch
 
 from conftest_models import GDINO, SAM, gdino_dir, random_pixels, sam_dir  # noqa: F401
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Time with one intra-op thread: on a shared 2-core box, thread contention (not the model)
+    dominates, and 'well under a second' is about the model's size."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def test_folders_hold_config_weights_processor_and_readme(tiny_models):
@@ -37,14 +56,13 @@ def test_grounding_dino_loads_and_runs_fast(gdino_dir):
 
     image = random_pixels(480, 640)
     inputs = processor(images=[image], text=["a man . a red helmet ."], return_tensors="pt")
-    with torch.inference_mode():
+    with torch.inference_mode(), _one_thread():
         model(**inputs)  # warm-up
-        start = time.perf_counter()
+        elapsed = min(_timed(lambda: model(**inputs)) for _ in range(3))
         out = model(**inputs)
-        elapsed = time.perf_counter() - start
     assert out.logits.shape[-1] == model.config.max_text_len
     assert out.pred_boxes.shape[:2] == out.logits.shape[:2]
-    assert elapsed < 2.0, f"tiny GroundingDINO took {elapsed:.2f}s on 640x480"
+    assert elapsed < 1.0, f"tiny GroundingDINO took {elapsed:.2f}s on 640x480"
 
 
 def test_sam_loads_and_sizes_are_consistent(sam_dir):
@@ -61,15 +79,16 @@ def test_sam_loads_and_sizes_are_consistent(sam_dir):
 
     image = random_pixels(480, 640)
     enc = processor(images=[image], input_boxes=[[[10.0, 20.0, 300.0, 400.0]]], return_tensors="pt")
-    with torch.inference_mode():
-        start = time.perf_counter()
+    with torch.inference_mode(), _one_thread():
         emb = model.get_image_embeddings(enc["pixel_values"])
         out = model(image_embeddings=emb, input_boxes=enc["input_boxes"], multimask_output=False)
-        elapsed = time.perf_counter() - start
+        elapsed = min(_timed(lambda: model(image_embeddings=model.get_image_embeddings(enc["pixel_values"]),
+                                           input_boxes=enc["input_boxes"], multimask_output=False))
+                      for _ in range(3))
     assert emb.shape[-1] == cfg.prompt_encoder_config.image_embedding_size
     masks = processor.post_process_masks(out.pred_masks, enc["original_sizes"], enc["reshaped_input_sizes"])
     assert tuple(masks[0].shape[-2:]) == (480, 640)
-    assert elapsed < 2.0
+    assert elapsed < 1.0, f"tiny SAM took {elapsed:.2f}s on 640x480"
 
 
 def test_deterministic_bytes_and_no_rewrite(tiny_models, tmp_path):
