@@ -38,6 +38,12 @@ class ImageConfig(_Section):
         description="unusual pixel modes (CMYK, 16-bit, alpha RGBA/LA/PA, palette P, ...): convert = convert to "
                     "8-bit RGB (alpha composited on white, 16-bit scaled) and re-encode; reject = reject the "
                     "image with 'unsupported_mode: MODE'. Grayscale (L, 1) is always converted")
+    store_format: Literal["jpg", "png", "webp", "keep"] = Field(
+        "jpg",
+        description="format of the stored image: sources already in it keep their bytes, others are "
+                    "re-encoded (JPEG/WebP at quality 95, PNG lossless). One format for the whole "
+                    "dataset is what datasets.load_dataset('webdataset') needs; keep = never re-encode "
+                    "for format (a dataset with mixed .jpg/.png reads in webdataset and Ray, not in datasets)")
 
 
 class ParseConfig(_Section):

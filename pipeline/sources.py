@@ -588,6 +588,8 @@ class ReadStage:
                 why.append(f"mode {mode}")
             if fmt not in _KEEP_FORMATS:
                 why.append(f"format {fmt}")
+            elif self.cfg.store_format != "keep" and _KEEP_FORMATS[fmt] != self.cfg.store_format:
+                why.append(f"format {fmt} -> image.store_format {self.cfg.store_format}")
 
             info: dict[str, Any] = {}
             if mode != "RGB":
@@ -595,7 +597,10 @@ class ReadStage:
             if not why:
                 stored, ext = data, _KEEP_FORMATS[fmt]
             else:
-                stored, ext = _encode(rgb, jpeg=fmt in ("JPEG", "MPO"), icc=icc)
+                target = self.cfg.store_format
+                if target == "keep":
+                    target = "jpg" if fmt in ("JPEG", "MPO") else "png"
+                stored, ext = _encode(rgb, target, icc=icc)
                 info["reencoded"] = "; ".join(why)
             pixels = np.array(rgb, dtype=np.uint8)
         if pixels.ndim != 3 or pixels.shape[2] != 3:
@@ -686,15 +691,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _encode(rgb: Image.Image, jpeg: bool, icc: bytes | None) -> tuple[bytes, str]:
-    """Re-encode: JPEG q95 for JPEG sources, PNG otherwise (no EXIF: the pixels are upright)."""
+def _encode(rgb: Image.Image, ext: str, icc: bytes | None) -> tuple[bytes, str]:
+    """Re-encode upright RGB pixels (no EXIF: the pixels are already transposed).
+    JPEG/WebP at quality 95; PNG lossless."""
     buf = io.BytesIO()
     extra = {"icc_profile": icc} if icc else {}
-    if jpeg:
+    if ext == "jpg":
         rgb.save(buf, format="JPEG", quality=95, **extra)
-        return buf.getvalue(), "jpg"
-    rgb.save(buf, format="PNG", **extra)
-    return buf.getvalue(), "png"
+    elif ext == "webp":
+        rgb.save(buf, format="WEBP", quality=95, **extra)
+    else:
+        rgb.save(buf, format="PNG", **extra)
+    return buf.getvalue(), ext
 
 
 class _TarReader:

@@ -93,7 +93,8 @@ def _build_vocab() -> list[str]:
 def _readme(title: str, loads: str, seed: int) -> str:
     return f"""# {title}: RANDOM WEIGHTS, NOT A REAL MODEL
 
-This folder was written by Look&Learn's `pipeline.tiny_models.write_tiny_models` (seed {seed}).
+This folder was written by Look&Learn's `pipeline.tiny_models.write_tiny_models` (seed {seed},
+generator {GENERATOR_VERSION}).
 Every weight is **randomly initialised**; the model has tiny widths and depths and was never
 trained. Its detections / masks are noise. It exists only so that tests and the offline sample
 manifest can exercise the real `from_pretrained` loading and inference code without network
@@ -107,7 +108,14 @@ Load it with:
 """
 
 
+# Bump when the generated models change, so existing folders are rewritten.
+GENERATOR_VERSION = "tiny-v2"
+
+
 def _complete(folder: Path, names: tuple[str, ...]) -> bool:
+    readme = folder / "README.md"
+    if not readme.is_file() or f"generator {GENERATOR_VERSION}" not in readme.read_text():
+        return False
     return folder.is_dir() and all((folder / name).is_file() and (folder / name).stat().st_size > 0
                                    for name in names)
 
@@ -151,6 +159,13 @@ def _write_grounding_dino(folder: Path, seed: int) -> None:
     )
     torch.manual_seed(seed)
     model = GroundingDinoForObjectDetection(config).eval()
+    # Random init makes box-phrase logits dot products of unit-variance vectors (|logit| ~ 6,
+    # every sigmoid score ~ 1.0), so thresholds would never bite. Shrinking the decoder's
+    # output norm spreads the scores over ~0.55-0.8, and the offline sample then shows
+    # grounded, rejected and ungrounded phrases side by side.
+    with torch.no_grad():
+        model.model.decoder.layer_norm.weight.mul_(0.1)
+        model.model.decoder.layer_norm.bias.mul_(0.1)
     model.save_pretrained(str(folder))
 
     image_processor = GroundingDinoImageProcessor(

@@ -41,7 +41,8 @@ def make_manifest(fmt: str, path, per_shard: int = 1000, **input_kw) -> Manifest
 
 
 def run_read(items, image: ImageConfig | None = None) -> dict:
-    stage = ReadStage(image or ImageConfig())
+    # store_format=keep: these tests check which source bytes are kept as they are
+    stage = ReadStage(image or ImageConfig(store_format="keep"))
     stage.setup()
     return stage(read_batch(items))
 
@@ -338,7 +339,7 @@ def test_modes_convert_vs_reject(sample, sample_out):
     assert cmyk["ext"] == "jpg" and cmyk["pixels"][150, 110, 0] < 80  # cyan square: little red
 
     items = list_items(make_manifest("jsonl", sample / "captions.jsonl"))
-    out = by_key(run_read(items, ImageConfig(modes="reject")))
+    out = by_key(run_read(items, ImageConfig(modes="reject", store_format="keep")))
     for name, mode in CONVERTED.items():
         assert out[f"sample-{name}"]["reason"] == f"unsupported_mode: {mode}"
     assert out["sample-camera"]["status"] == "ok"                     # grayscale is always converted
@@ -388,7 +389,7 @@ def test_reader_never_raises_on_garbage(tmp_path):
     batch["key"] += ["brokenjson", "list"]
     batch = {k: np.array(v, dtype=object) for k, v in batch.items()}  # what Ray hands over
     batch["times"] = np.array(["{}"] * len(batch["key"]), dtype=object)
-    out = ReadStage(ImageConfig(max_side=4096))(batch)
+    out = ReadStage(ImageConfig(max_side=4096, store_format="keep"))(batch)
     n = len(items) + 2
     assert all(len(out[c]) == n for c in list(BATCH_COLUMNS) + ["times"])
     assert list(out["times"]) == ["{}"] * n
@@ -433,7 +434,7 @@ def test_non_rgb_formats_reencoded(tmp_path):
     assert out["status"] == ["ok", "ok"] and out["ext"] == ["png", "png"]
     assert json.loads(out["record"][0])["image"]["reencoded"] == "format BMP"
     assert "mode P" in json.loads(out["record"][1])["image"]["reencoded"]
-    out = run_read([_item("gif", {"path": str(tmp_path / "b.gif")})], ImageConfig(modes="reject"))
+    out = run_read([_item("gif", {"path": str(tmp_path / "b.gif")})], ImageConfig(modes="reject", store_format="keep"))
     assert out["reason"] == ["unsupported_mode: P"]
 
 
@@ -455,3 +456,22 @@ def test_sample_data_is_idempotent(tmp_path, sample):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert 24 <= len(rows) <= 32
     assert all(os.path.isabs(r["image"]) is False for r in rows)
+
+
+def test_store_format_gives_one_format_per_dataset(tmp_path):
+    import io as _io
+    from PIL import Image as _Image
+    png = tmp_path / "a.png"
+    jpg = tmp_path / "b.jpg"
+    _Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(png)
+    _Image.fromarray(np.full((40, 50, 3), 100, np.uint8)).save(jpg, quality=90)
+    items = [_item("png", {"path": str(png)}), _item("jpg", {"path": str(jpg)})]
+    out = run_read(items, ImageConfig(store_format="jpg"))
+    assert out["ext"] == ["jpg", "jpg"]
+    assert out["image"][1] == jpg.read_bytes()              # already JPEG: source bytes kept
+    assert _Image.open(_io.BytesIO(out["image"][0])).format == "JPEG"
+    assert "store_format" in json.loads(out["record"][0])["image"]["reencoded"]
+    out = run_read(items, ImageConfig(store_format="png"))
+    assert out["ext"] == ["png", "png"] and out["image"][0] == png.read_bytes()
+    out = run_read(items, ImageConfig(store_format="keep"))
+    assert out["ext"] == ["png", "jpg"]
