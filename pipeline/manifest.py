@@ -97,6 +97,7 @@ class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     model_workers: int = Field(1, ge=1, description="ground+segment actors (one model copy each; one GPU each when GPUs exist)")
+    model_memory_mb: int = Field(1024, ge=128, description="host memory Ray reserves for each ground+segment actor")
     cpu_batch_size: int = Field(32, ge=1, description="rows per batch for CPU stages")
     seed: int = 0
 

@@ -188,10 +188,12 @@ def _execute_ray(manifest: Manifest, rows: list[dict]):
         for name in ("read", "parse"):
             ds = ds.map_batches(_ray_cpu_stage, fn_kwargs={"name": name, "manifest_json": manifest_json},
                                 batch_size=size, batch_format="numpy", num_cpus=1)
-        model_args = {"num_gpus": 1} if gpus >= 1 and runtime.device != "cpu" else {"memory": 512 * 1024 * 1024}
+        model_args = {"num_gpus": 1} if gpus >= 1 and runtime.device != "cpu" else {}
+        # A distinct resource request also keeps Ray from fusing the CPU tasks into the actor.
+        model_args["memory"] = runtime.model_memory_mb * 1024 * 1024
         ds = ds.map_batches(
             _RayModelActor, fn_constructor_kwargs={"manifest_json": manifest_json},
-            batch_size=manifest.detect.batch_size * 4, batch_format="numpy",
+            batch_size=size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=runtime.model_workers), num_cpus=1, **model_args)
         ds = ds.map_batches(_ray_cpu_stage, fn_kwargs={"name": "adjudicate", "manifest_json": manifest_json},
                             batch_size=size, batch_format="numpy", num_cpus=1)

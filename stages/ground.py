@@ -304,8 +304,16 @@ class GroundStage:
             for prompt in build_prompts(keys, self.tokenizer, self.max_tokens):
                 jobs.append((i, prompt))
         found: list[list[tuple[torch.Tensor, torch.Tensor, str]]] = [[] for _ in images]
-        for start in range(0, len(jobs), cfg.batch_size):
-            chunk = jobs[start:start + cfg.batch_size]
+        # Batch only images of the same size. GroundingDINO's Swin backbone sees the zero
+        # padding of a mixed-size batch (nothing masks it), so an image's boxes would depend
+        # on which other images share its batch: a resumed build could then differ from an
+        # uninterrupted one. Same-size buckets need no padding (COCO is mostly 640x480/480x640).
+        buckets: dict[tuple[int, int], list[tuple[int, Prompt]]] = {}
+        for job in jobs:
+            buckets.setdefault(tuple(images[job[0]].shape[:2]), []).append(job)
+        chunks = [group[s:s + cfg.batch_size] for group in buckets.values()
+                  for s in range(0, len(group), cfg.batch_size)]
+        for chunk in chunks:
             logits, boxes = self._forward([images[i] for i, _ in chunk], [p.text for _, p in chunk])
             for j, (i, prompt) in enumerate(chunk):
                 keep, scores = phrase_scores(logits[j], prompt.spans, cfg.box_threshold, cfg.text_threshold)

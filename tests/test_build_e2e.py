@@ -42,6 +42,33 @@ def _records(out: Path) -> dict[str, dict]:
     return records
 
 
+def _mask_iou(a: dict, b: dict) -> float:
+    from pycocotools import mask as mask_utils
+
+    return float(mask_utils.iou([a], [b], [0])[0][0])
+
+
+def assert_same_samples(got: dict[str, dict], want: dict[str, dict], exact: bool = True) -> None:
+    """The same samples, none lost and none twice. ``exact=False`` allows the float noise that
+    a different batch make-up or thread count gives (a pixel at a mask edge, a score's last
+    digits), and nothing else."""
+    assert sorted(got) == sorted(want)
+    if exact:
+        assert got == want
+        return
+    for key, w in want.items():
+        g = got[key]
+        assert {k: g[k] for k in ("source", "image", "text")} == {k: w[k] for k in ("source", "image", "text")}
+        assert [(e["phrase"], e["start"], e["end"], e["turn"]) for e in g["entities"]] == \
+               [(e["phrase"], e["start"], e["end"], e["turn"]) for e in w["entities"]]
+        assert len(g["regions"]) == len(w["regions"]), key
+        for gr, wr in zip(g["regions"], w["regions"]):
+            assert gr["entity"] == wr["entity"]
+            assert np.allclose(gr["box_xyxy"], wr["box_xyxy"], atol=0.5), (key, gr["box_xyxy"], wr["box_xyxy"])
+            assert abs(gr["det_score"] - wr["det_score"]) < 1e-3
+            assert _mask_iou(gr["mask_rle"], wr["mask_rle"]) > 0.98
+
+
 def _rejected(out: Path) -> dict[str, str]:
     rows = {}
     for path in sorted((out / "rejected").glob("*.parquet")):
@@ -166,7 +193,8 @@ def test_ray_plan_gives_the_same_samples_as_the_local_loop(local_out, module_ove
     out = tmp_path / "ray"
     stats = _build(out, module_overrides, executor="ray")
     assert stats["last_run"]["executor"] == "ray"
-    assert _records(out) == _records(local_out)
+    # Ray workers run torch with one thread and other batch make-ups: float noise only
+    assert_same_samples(_records(out), _records(local_out), exact=False)
     assert _rejected(out) == _rejected(local_out)
 
 
@@ -199,7 +227,13 @@ def test_kill_9_then_rerun_equals_uninterrupted(local_out, module_overrides, tmp
     assert rerun.returncode == 0, err.decode()[-3000:]
     stats = json.loads((out / "stats.json").read_text())
     assert stats["last_run"]["shards_skipped"] >= kill_after_shards
-    assert _records(out) == _records(local_out)
+    if executor == "local":
+        # an uninterrupted run with the very same settings: byte-identical samples
+        reference = tmp_path / "uninterrupted"
+        _build(reference, sets, executor="local")
+        assert_same_samples(_records(out), _records(reference), exact=True)
+        assert _rejected(out) == _rejected(reference)
+    assert_same_samples(_records(out), _records(local_out), exact=False)
     assert _rejected(out) == _rejected(local_out)
     assert not list(out.rglob(".*.tmp"))
 
