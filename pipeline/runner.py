@@ -83,7 +83,16 @@ def _ray_cpu_stage(batch: dict, name: str, manifest_json: str) -> dict:
     return run_timed(name, stage, batch)
 
 
-class _RayModelActor:
+def _named_cpu_stage(name: str, manifest_json: str):
+    """A Ray task function called ``name`` so that progress lines read MapBatches(parse)."""
+    def fn(batch: dict) -> dict:
+        return _ray_cpu_stage(batch, name, manifest_json)
+
+    fn.__name__ = fn.__qualname__ = name
+    return fn
+
+
+class GroundSegmentActor:
     def __init__(self, manifest_json: str):
         self.stage = make_stage("ground_segment", Manifest.model_validate_json(manifest_json))
         self.stage.setup()
@@ -186,17 +195,15 @@ def _execute_ray(manifest: Manifest, rows: list[dict]):
         gpus = ray.cluster_resources().get("GPU", 0)
         ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // size))
         for name in ("read", "parse"):
-            ds = ds.map_batches(_ray_cpu_stage, fn_kwargs={"name": name, "manifest_json": manifest_json},
-                                batch_size=size, batch_format="numpy", num_cpus=1)
+            ds = ds.map_batches(_named_cpu_stage(name, manifest_json), batch_size=size, batch_format="numpy", num_cpus=1)
         model_args = {"num_gpus": 1} if gpus >= 1 and runtime.device != "cpu" else {}
         # A distinct resource request also keeps Ray from fusing the CPU tasks into the actor.
         model_args["memory"] = runtime.model_memory_mb * 1024 * 1024
         ds = ds.map_batches(
-            _RayModelActor, fn_constructor_kwargs={"manifest_json": manifest_json},
+            GroundSegmentActor, fn_constructor_kwargs={"manifest_json": manifest_json},
             batch_size=size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=runtime.model_workers), num_cpus=1, **model_args)
-        ds = ds.map_batches(_ray_cpu_stage, fn_kwargs={"name": "adjudicate", "manifest_json": manifest_json},
-                            batch_size=size, batch_format="numpy", num_cpus=1)
+        ds = ds.map_batches(_named_cpu_stage("adjudicate", manifest_json), batch_size=size, batch_format="numpy", num_cpus=1)
         yield from ds.iter_batches(batch_size=None, batch_format="numpy")
     finally:
         if started_here:
