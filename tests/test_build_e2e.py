@@ -253,3 +253,19 @@ def test_cli_exit_codes(tmp_path, module_overrides):
     assert missing.returncode == 2, missing.stderr.decode()[-2000:]
     assert b"IDEA-Research/grounding-dino-base" in missing.stderr
     assert not (tmp_path / "o" / "shards").exists() or not list((tmp_path / "o" / "shards").iterdir())
+
+
+@pytest.mark.slow
+def test_ray_read_webdataset_reads_shards(local_out):
+    import ray
+    import ray.data
+
+    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=256 * 1024 * 1024)
+    try:
+        rows = ray.data.read_webdataset(str(local_out / "shards"), decoder=None).take_all()
+    finally:
+        ray.shutdown()
+    records = _records(local_out)
+    assert sorted(r["__key__"] for r in rows) == sorted(records)
+    row = rows[0]
+    assert json.loads(row["json"])["key"] == row["__key__"]
