@@ -31,7 +31,24 @@ build-dataset: sample-assets
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-inspect train publish bench:
+# Training: the default trains a tiny generated LLaVA-architecture model on out/sample (run
+# `make build-dataset` first) for a few CPU steps; real manifests name hub models.
+TRAIN_MANIFEST ?= $(if $(filter manifests/sample.yaml,$(MANIFEST)),manifests/train-sample.yaml,$(MANIFEST))
+train: $(STAMP)
+	$(PY) -m pipeline train $(TRAIN_MANIFEST) $(foreach s,$(SET),--set $(s))
+
+# Inspect a build: rate tables in the terminal and a self-contained gallery page next to the data.
+inspect: $(STAMP)
+	$(PY) -m pipeline inspect $(or $(OUT),out/sample) --html $(or $(OUT),out/sample)/gallery.html
+
+# Publish a build: `make publish REPO=user/name [PRIVATE=1] [DRY_RUN=1] [OUT=...]` uploads to the
+# Hugging Face Hub (token from HF_TOKEN or `hf auth login`); `TO=s3://bucket/path` copies with fsspec.
+publish: $(STAMP)
+	@test -n "$(REPO)$(TO)" || { echo "make publish: give REPO=user/name (Hugging Face Hub) or TO=URL (fsspec)"; exit 2; }
+	$(PY) -m pipeline publish $(or $(OUT),out/sample) $(if $(REPO),--repo $(REPO),--to $(TO)) \
+		$(if $(PRIVATE),--private) $(if $(DRY_RUN),--dry-run)
+
+bench:
 	@echo "make $@: not available yet (see the open issues)"; exit 2
 
 clean:

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.manifest import Manifest, manifest_to_dict
+from stages.judge_stats import merge_judge_stats
 
 
 def aggregate_stats(out_dir: Path, run: dict | None = None) -> dict:
@@ -18,6 +19,7 @@ def aggregate_stats(out_dir: Path, run: dict | None = None) -> dict:
     by_key: dict[str, Counter] = {k: Counter() for k in (
         "rejected_by_reason", "entities_by_status", "skipped_by_reason", "verdicts_by_reason", "stage_seconds")}
     shards = 0
+    judge_shards: list[dict] = []
     for path in sorted((out_dir / "stats").glob("*.json")):
         tar_exists = any((out_dir / "shards").glob(f"*-{path.stem}.tar"))
         if not tar_exists:
@@ -27,6 +29,8 @@ def aggregate_stats(out_dir: Path, run: dict | None = None) -> dict:
         for key, value in stats.items():
             if key in by_key:
                 by_key[key].update(value)
+            elif key == "judge":
+                judge_shards.append(value)
             elif key != "shard":
                 totals[key] += value
     entities = totals["entities"]
@@ -43,6 +47,8 @@ def aggregate_stats(out_dir: Path, run: dict | None = None) -> dict:
         },
         **{k: dict(sorted(v.items())) for k, v in by_key.items() if k != "stage_seconds"},
         "stage_seconds": {k: round(v, 3) for k, v in by_key["stage_seconds"].items()},
+        # requests, retries, errors by kind, tokens, latency p50/p95, who decided (stages/judge_stats.py)
+        "judge": merge_judge_stats(judge_shards),
     }
     if run:
         result["last_run"] = run
@@ -96,59 +102,127 @@ Pseudo-grounding dataset built with [Look&Learn](https://github.com/) `{version}
 noun phrase of each caption is tied to segmentation masks of the image regions it names
 (GroundingDINO boxes → SAM masks → judged), or marked as not grounded with the reason.
 
+{warning}
+
 ## Contents
 - `shards/*.tar`: WebDataset shards; per sample `{{key}}.jpg|png|webp` and `{{key}}.json`
   (entities with character offsets, regions with boxes, COCO RLE masks and verdicts).
 - `index/*.parquet`: one row per sample; `logs/*.parquet`: every judge decision;
   `rejected/*.parquet`: inputs that could not be used, with the reason.
+- `stats.json` (totals; `stats/*.json` per shard) and `manifest.resolved.yaml` (the manifest as run).
 
 ## Load
+The `configs` entry in this card's header points `load_dataset` at the shards:
 ```python
 from datasets import load_dataset
+ds = load_dataset("USER/NAME", split="train")  # this repository's id, or its local folder
+# any copy of the shards:
 ds = load_dataset("webdataset", data_files={{"train": "shards/*.tar"}}, split="train")
 ```
+Each row has the image (`{image_ext}`) and the record (`json`); a region's mask is
+`pycocotools.mask.decode(region["mask_rle"])` (the counts string encoded to bytes).
 
 ## Statistics
 | | |
 |---|---|
 {stats_rows}
 
-## How it was built
-- detector: `{detector}` (revision `{detector_rev}`)
-- segmenter: `{segmenter}` (revision `{segmenter_rev}`)
-- judge: `{judge}`
-- parser: spaCy noun chunks expanded to referring expressions
+{breakdowns}
 
-{warning}
+## How it was built
+{built_rows}
+
+<details><summary>Resolved manifest (<code>manifest.resolved.yaml</code>)</summary>
+
+```yaml
+{manifest_yaml}```
+
+</details>
 """
 
 
+def _judges_used(out_dir: Path) -> list[tuple[str, str, int]]:
+    """(judge model, prompt version, regions) from the adjudication logs of complete shards."""
+    import pyarrow.parquet as pq
+
+    used: Counter = Counter()
+    for path in sorted((out_dir / "logs").glob("adjudication-*.parquet")):
+        number = path.stem.rsplit("-", 1)[-1]
+        if not any((out_dir / "shards").glob(f"*-{number}.tar")):
+            continue
+        names = pq.read_schema(path).names
+        cols = [c for c in ("model", "prompt") if c in names]
+        if not cols:
+            continue
+        table = pq.read_table(path, columns=cols).to_pydict()
+        n = len(table[cols[0]])
+        used.update(zip(table.get("model", [""] * n), table.get("prompt", [""] * n)))
+    return [(str(m or ""), str(pv or ""), c) for (m, pv), c in sorted(used.items(), key=lambda kv: -kv[1])]
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted((counts or {}).items(), key=lambda kv: -kv[1])) or "none"
+
+
 def write_card(out_dir: Path, manifest: Manifest, stats: dict, resolved: dict, version: str) -> None:
+    """README.md: a Hub dataset card (YAML header valid for ``huggingface_hub.DatasetCard``,
+    with the ``configs`` entry ``datasets.load_dataset(repo)`` follows) plus the statistics,
+    the models with revisions, the judge and prompt version, and the resolved manifest."""
+    out_dir = Path(out_dir)
     header = {
         "pretty_name": manifest.name,
         "license": "other",
+        "language": ["en"],
+        "annotations_creators": ["machine-generated"],
         "task_categories": ["image-segmentation", "image-to-text"],
         "tags": ["grounding", "referring-expression-segmentation", "webdataset", "look-and-learn"],
         "size_categories": [_size_category(stats.get("samples_out", 0))],
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "shards/*.tar"}]}],
     }
+    rates = stats.get("rates", {})
     rows = [
-        ("samples written", stats.get("samples_out")), ("inputs rejected", stats.get("samples_rejected")),
-        ("entities", stats.get("entities")), ("share of entities grounded", stats["rates"].get("entities_grounded")),
-        ("judge accept share", stats["rates"].get("judge_accept")), ("shards", stats.get("shards")),
+        ("samples written", stats.get("samples_out")), ("inputs read", stats.get("samples_in")),
+        ("inputs rejected", stats.get("samples_rejected")),
+        ("samples with ≥ 1 grounded entity", stats.get("samples_with_grounding")),
+        ("share of samples with grounding", rates.get("samples_with_grounding")),
+        ("entities", stats.get("entities")),
+        ("share of entities grounded (excluding skipped)", rates.get("entities_grounded")),
+        ("candidate regions judged", stats.get("regions")), ("regions accepted", stats.get("regions_accepted")),
+        ("judge accept share", rates.get("judge_accept")), ("shards", stats.get("shards")),
     ]
+    breakdowns = "\n".join([
+        f"- entities by status: {_counts(stats.get('entities_by_status'))}",
+        f"- skipped entities by reason: {_counts(stats.get('skipped_by_reason'))}",
+        f"- judge verdicts by reason: {_counts(stats.get('verdicts_by_reason'))}",
+        f"- inputs rejected by reason: {_counts(stats.get('rejected_by_reason'))}",
+    ])
+    res = resolved.get("resolved", {})
+    judges = _judges_used(out_dir)
+    built = [
+        f"- Look&Learn `{version}`; parser: spaCy `{manifest.parse.model}` noun chunks expanded to referring expressions"
+        + (f" (`{res['parser']}`)" if res.get("parser") else ""),
+        f"- detector: `{manifest.detect.model}` (revision `{res.get('detector_revision')}`), "
+        f"box threshold {manifest.detect.box_threshold}, text threshold {manifest.detect.text_threshold}",
+        f"- segmenter: `{manifest.segment.model}` (revision `{res.get('segmenter_revision')}`)",
+        f"- judge: `{manifest.adjudicate.judge}`" + (f", model `{manifest.adjudicate.model}`" if manifest.adjudicate.model else ""),
+    ]
+    for model, prompt, n in judges:
+        built.append(f"  - `{model}` with prompt version `{prompt}`: {n} regions")
+    for key, value in res.items():
+        if "prompt" in key:
+            built.append(f"- {key}: `{value}`")
     random_models = any("random" in str(m).lower() for m in (manifest.detect.model, manifest.segment.model))
     warning = ("> **Built with randomly initialised tiny models (tests / offline sample).** "
                "Masks and verdicts carry no meaning; do not use this data for training."
                if random_models else "")
     card = CARD_TEMPLATE.format(
-        header=yaml.safe_dump(header, sort_keys=False), name=manifest.name, version=version,
-        stats_rows="\n".join(f"| {k} | {v} |" for k, v in rows),
-        detector=manifest.detect.model, detector_rev=resolved["resolved"]["detector_revision"],
-        segmenter=manifest.segment.model, segmenter_rev=resolved["resolved"]["segmenter_revision"],
-        judge=manifest.adjudicate.judge, warning=warning,
+        header=yaml.safe_dump(header, sort_keys=False, allow_unicode=True), name=manifest.name, version=version,
+        warning=warning, image_ext=manifest.image.store_format if manifest.image.store_format != "keep" else "jpg|png|webp",
+        stats_rows="\n".join(f"| {k} | {'—' if v is None else v} |" for k, v in rows),
+        breakdowns=breakdowns, built_rows="\n".join(built),
+        manifest_yaml=yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True),
     )
-    (out_dir / "README.md").write_text(card)
+    (out_dir / "README.md").write_text(card.replace("\n\n\n", "\n\n"))
 
 
 def _size_category(n: int) -> str:

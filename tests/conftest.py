@@ -37,3 +37,20 @@ def sample_manifest_args(tiny_models, sample_jsonl, tmp_path):
     sam = tiny_models["sam-tiny-random"] if "sam-tiny-random" in tiny_models else next(
         p for k, p in tiny_models.items() if "sam" in k)
     return [f"input.path={sample_jsonl}", f"detect.model={det}", f"segment.model={sam}"]
+
+
+@pytest.fixture(scope="session")
+def sample_out(tiny_models, sample_jsonl, tmp_path_factory) -> Path:
+    """manifests/sample.yaml built once (local executor, 4 shards) for tests that only read an
+    output folder (inspect, gallery, publish). Treat it as read-only: copy it to change it."""
+    from pipeline.manifest import load_manifest
+    from pipeline.runner import build
+
+    det = next(p for k, p in tiny_models.items() if "dino" in k)
+    sam = next(p for k, p in tiny_models.items() if "sam" in k)
+    out = tmp_path_factory.mktemp("sample-out") / "sample"
+    manifest = load_manifest(REPO / "manifests" / "sample.yaml",
+                             [f"input.path={sample_jsonl}", f"detect.model={det}", f"segment.model={sam}",
+                              "runtime.executor=local"], out=str(out))
+    build(manifest, progress=False)
+    return out
