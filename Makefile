@@ -48,8 +48,10 @@ publish: $(STAMP)
 	$(PY) -m pipeline publish $(or $(OUT),out/sample) $(if $(REPO),--repo $(REPO),--to $(TO)) \
 		$(if $(PRIVATE),--private) $(if $(DRY_RUN),--dry-run)
 
-bench:
-	@echo "make $@: not available yet (see the open issues)"; exit 2
+# Benchmark of the where-to-look loss (CPU, scaled widths); GPU (H100): .venv/bin/python bench/loss_gpu.py
+bench: $(STAMP)
+	$(PY) bench/loss.py --out bench/results/loss-cpu.md
+	$(PY) bench/judge.py
 
 clean:
 	rm -rf out $(CACHE)

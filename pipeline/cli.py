@@ -37,6 +37,69 @@ def _parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser("sample-data", help="write the bundled offline sample inputs (captions.jsonl + images)")
     sample.add_argument("dir")
+
+    insp = sub.add_parser("inspect", help="report acceptance/grounding rates, judge latency and errors, worst shards; "
+                                          "--html writes a self-contained gallery page")
+    insp.add_argument("out", metavar="OUT", help="a build's output folder")
+    insp.add_argument("--html", metavar="FILE", help="also write the HTML gallery to FILE")
+    insp.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
+    insp.add_argument("--top", type=int, default=20, metavar="N", help="phrase roots to list (0 = all; default 20)")
+    insp.add_argument("--worst", type=int, default=5, metavar="N", help="worst shards to list (0 = all; default 5)")
+    insp.add_argument("--max-samples", type=int, default=1000, metavar="N",
+                      help="gallery: at most N samples, evenly subsampled (default 1000)")
+    insp.add_argument("--per-page", type=int, default=24, metavar="N", help="gallery: samples per page (default 24)")
+
+    pub = sub.add_parser("publish", help="upload shards, index, logs, stats, manifest and dataset card "
+                                         "to the Hugging Face Hub (--repo) or any fsspec URL (--to)")
+    pub.add_argument("out", metavar="OUT", help="a build's output folder")
+    dest = pub.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--repo", metavar="USER/NAME", help="Hub dataset repository (created if absent)")
+    dest.add_argument("--to", metavar="URL", help="fsspec destination: a local path, file://, s3://, gs://, ...")
+    pub.add_argument("--private", action="store_true", help="create the Hub repository private (an existing one keeps its visibility)")
+    pub.add_argument("--dry-run", action="store_true", help="print exactly what would be uploaded and where; upload nothing")
+    pub.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                     help="leave out files matching GLOB (relative to OUT, e.g. 'logs/*'); repeatable")
+    pub.add_argument("--revision", metavar="BRANCH", help="Hub branch to commit to (default: main)")
+    pub.add_argument("--message", metavar="TEXT", help="Hub commit message")
+
+    trn = sub.add_parser("train", help="fine-tune a VLM with LM loss + λ·where-to-look attention loss (see manifests/train-*.yaml)")
+    trn.add_argument("manifest", help="YAML training manifest (see manifests/train-sample.yaml)")
+    trn.add_argument("--set", dest="overrides", action="append", default=[], metavar="dotted.key=value",
+                     help="override a manifest field, e.g. --set wtl.lambda=0.3 (repeatable)")
+
+    exp = sub.add_parser("experiment", help="controlled experiments (shapes: λ=0 vs λ>0 on generated shape scenes)")
+    exp_sub = exp.add_subparsers(dest="experiment_command", required=True, parser_class=_Parser)
+    shapes = exp_sub.add_parser("shapes", help="train a tiny LLaVA-architecture model from scratch with λ=0 and λ>0; "
+                                               "report grounding and question accuracy over seeds")
+    shapes.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    shapes.add_argument("--steps", type=int, default=None, help="training steps per run (default: the full setting)")
+    shapes.add_argument("--lambda", dest="lam", type=float, default=None, help="λ of the λ>0 runs")
+    shapes.add_argument("--quick", action="store_true", help="the reduced setting used by the test suite")
+    shapes.add_argument("--work", default="out/experiment-shapes", help="working folder (data, models)")
+    shapes.add_argument("--results", default="bench/results/experiment-shapes.md", help="results table (Markdown)")
+
+    # evaluate KIND ...: one sub-command per kind of evaluation (judge; grounding next)
+    evaluate = sub.add_parser("evaluate", help="evaluate a build's verdicts (judge) against human labels")
+    ev_sub = evaluate.add_subparsers(dest="evaluate_command", required=True, parser_class=_Parser)
+    ev_judge = ev_sub.add_parser("judge", help="agreement of judge verdicts with human labels: accept precision, "
+                                               "recall, overall agreement (several OUTs compare judges/prompts)")
+    ev_judge.add_argument("out", metavar="OUT", nargs="+", help="build output folder(s)")
+    ev_judge.add_argument("--labels", required=True, metavar="FILE",
+                          help='JSONL: {"key", "entity", "region", "accept": true|false} per line (see README)')
+    ev_judge.add_argument("--json", metavar="FILE", help="also write the full results as JSON to FILE ('-' = stdout only)")
+    ev_gr = ev_sub.add_parser("grounding", help="attention read-out as masks: heatmaps of phrase tokens mapped to "
+                                                "pixels, thresholded; mask IoU, cIoU/gIoU, pointing game, overlays")
+    ev_gr.add_argument("--model", required=True, help="VLM folder or hub id (e.g. a `lookandlearn train` output_dir)")
+    ev_gr.add_argument("--shards", help="build output / shard folder: score every grounded entity of the split")
+    ev_gr.add_argument("--image", help="a single image (with --phrase)")
+    ev_gr.add_argument("--phrase", action="append", default=[], help="phrase to read out (with --image; repeatable)")
+    ev_gr.add_argument("--caption", help="caption containing the phrases (default: the phrases joined)")
+    ev_gr.add_argument("--layers", type=int, nargs="+", help="language-model layers (default: middle third)")
+    ev_gr.add_argument("--threshold", choices=["relative", "otsu", "topk"], default="relative")
+    ev_gr.add_argument("--value", type=float, help="relative: fraction of max (0.5); topk: fraction of pixels (0.1)")
+    ev_gr.add_argument("--limit", type=int)
+    ev_gr.add_argument("--overlays", metavar="DIR", help="write overlay PNGs here")
+    ev_gr.add_argument("--json", metavar="FILE", help="write the results as JSON")
     return parser
 
 
@@ -60,10 +123,134 @@ def main(argv: list[str] | None = None) -> int:
 
             print(write_sample_data(Path(args.dir)))
             return EXIT_OK
+        if args.command == "inspect":
+            return _inspect(args)
+        if args.command == "publish":
+            return _publish(args)
+        if args.command == "train":
+            return _train(args)
+        if args.command == "experiment":
+            return _experiment(args)
+        if args.command == "evaluate":
+            return _EVALUATE[args.evaluate_command](args)
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return EXIT_BAD_INPUT
+
+
+def _evaluate_judge(args) -> int:
+    import json
+
+    from pipeline.evaluate_judge import LabelError, evaluate_judge, format_table, read_labels
+
+    try:
+        labels = read_labels(args.labels)
+        results = [evaluate_judge(out, labels) for out in args.out]
+    except LabelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.json == "-":
+        print(json.dumps(results, indent=2))
+        return EXIT_OK
+    print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return EXIT_OK
+
+
+def _evaluate_grounding(args) -> int:
+    from pipeline.evaluate_grounding import main as grounding_main
+
+    return grounding_main(args)
+
+
+def _train(args) -> int:
+    import json
+
+    from pipeline.train import load_train_manifest, run_train
+    from stages.models import ModelUnavailableError
+
+    manifest = load_train_manifest(args.manifest, args.overrides)
+    try:
+        summary = run_train(manifest)
+    except ModelUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 — the run failed; say why in one line, details at -v
+        logging.getLogger("lookandlearn").debug("train failed", exc_info=True)
+        print(f"error: train failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(summary, indent=2, default=str))
+    return EXIT_OK
+
+
+def _experiment(args) -> int:
+    from pipeline.experiment import run_shapes_cli
+
+    return run_shapes_cli(args)
+
+
+# evaluate sub-commands: name -> handler(args)
+_EVALUATE = {"judge": _evaluate_judge, "grounding": _evaluate_grounding}
+
+
+def _inspect(args) -> int:
+    import json
+
+    from pipeline.inspect import NotAnOutputError, analyze, render
+
+    for name in ("top", "worst", "max_samples", "per_page"):
+        if getattr(args, name) < (0 if name in ("top", "worst") else 1):
+            print(f"error: --{name.replace('_', '-')} must be {'>= 0' if name in ('top', 'worst') else '>= 1'}",
+                  file=sys.stderr)
+            return EXIT_BAD_INPUT
+    try:
+        report = analyze(args.out, top=args.top, worst=args.worst)
+    except NotAnOutputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        from rich.console import Console
+
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=max(console.width, 140))
+        render(report, console)
+    if args.html:
+        from pipeline.gallery import write_gallery
+
+        info = write_gallery(args.out, args.html, max_samples=args.max_samples, per_page=args.per_page, report=report)
+        print(f"gallery: {info['path']} ({info['shown']} of {info['samples']} samples, {info['bytes'] / 1e6:.1f} MB)",
+              file=sys.stderr if args.json else sys.stdout)
+    return EXIT_OK
+
+
+def _publish(args) -> int:
+    from pipeline.publish import PublishError, run
+
+    try:
+        return run(args.out, repo=args.repo, to=args.to, private=args.private, dry_run=args.dry_run,
+                   exclude=args.exclude, revision=args.revision, message=args.message)
+    except PublishError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 — network/auth/storage failure: one line, details at -v
+        logging.getLogger("lookandlearn").debug("publish failed", exc_info=True)
+        print(f"error: publish failed: {type(exc).__name__}: {_no_secrets(str(exc))}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _no_secrets(text: str) -> str:
+    """Hide anything that looks like a Hub token in an error message."""
+    import os
+    import re
+
+    text = re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    return text.replace(token, "***") if token else text
 
 
 def _build(args) -> int:
