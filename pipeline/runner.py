@@ -42,12 +42,16 @@ def make_stage(name: str, manifest: Manifest):
     if name == "parse":
         from stages.parse import ParseStage
         return ParseStage(manifest.parse)
+    if name == "prepare":
+        from stages.model_stage import PrepareStage
+        return PrepareStage(manifest.detect, manifest.segment, manifest.runtime)
     if name == "ground_segment":
         from stages.model_stage import GroundAndSegment
         return GroundAndSegment(manifest.detect, manifest.segment, manifest.runtime)
     if name == "adjudicate":
         from stages.adjudicate import AdjudicateStage
-        return AdjudicateStage(manifest.adjudicate)
+        # the output folder: the LLM judge reuses the answers in its logs (absolute: Ray workers)
+        return AdjudicateStage(manifest.adjudicate, out_dir=str(Path(manifest.output.path).resolve()))
     raise KeyError(name)
 
 
@@ -99,6 +103,17 @@ class GroundSegmentActor:
 
     def __call__(self, batch: dict) -> dict:
         return run_timed("ground_segment", self.stage, batch)
+
+
+class JudgeActor:
+    """The LLM judge (judge: openai): I/O-bound, many requests in flight on one event loop."""
+
+    def __init__(self, manifest_json: str):
+        self.stage = make_stage("adjudicate", Manifest.model_validate_json(manifest_json))
+        self.stage.setup()
+
+    def __call__(self, batch: dict) -> dict:
+        return run_timed("adjudicate", self.stage, batch)
 
 
 # --- planning ------------------------------------------------------------------------------
@@ -194,16 +209,26 @@ def _execute_ray(manifest: Manifest, rows: list[dict]):
         size = runtime.cpu_batch_size
         gpus = ray.cluster_resources().get("GPU", 0)
         ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // size))
-        for name in ("read", "parse"):
+        # prepare: CPU workers resize the images for the models (uint8), so the GPU actor only
+        # copies, normalises and runs them (stages/prep.py)
+        for name in ("read", "parse", "prepare"):
             ds = ds.map_batches(_named_cpu_stage(name, manifest_json), batch_size=size, batch_format="numpy", num_cpus=1)
-        model_args = {"num_gpus": 1} if gpus >= 1 and runtime.device != "cpu" else {}
+        use_gpu = gpus >= 1 and runtime.device != "cpu"
+        model_args = {"num_gpus": 1 / runtime.actors_per_gpu} if use_gpu else {}
         # A distinct resource request also keeps Ray from fusing the CPU tasks into the actor.
         model_args["memory"] = runtime.model_memory_mb * 1024 * 1024
         ds = ds.map_batches(
             GroundSegmentActor, fn_constructor_kwargs={"manifest_json": manifest_json},
             batch_size=size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=runtime.model_workers), num_cpus=1, **model_args)
-        ds = ds.map_batches(_named_cpu_stage("adjudicate", manifest_json), batch_size=size, batch_format="numpy", num_cpus=1)
+        if manifest.adjudicate.judge == "openai":
+            # waits on the network, not the CPU: no CPU reserved, so it never starves the CPU stages
+            ds = ds.map_batches(
+                JudgeActor, fn_constructor_kwargs={"manifest_json": manifest_json},
+                batch_size=max(size, manifest.adjudicate.batch_size), batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=manifest.adjudicate.workers), num_cpus=0)
+        else:
+            ds = ds.map_batches(_named_cpu_stage("adjudicate", manifest_json), batch_size=size, batch_format="numpy", num_cpus=1)
         yield from ds.iter_batches(batch_size=None, batch_format="numpy")
     finally:
         if started_here:
@@ -221,7 +246,13 @@ def build(manifest: Manifest, progress: bool = True) -> dict:
     check_models(manifest)
     out.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out, manifest.name)
-    resolved = write_resolved_manifest(out, manifest, {"pipeline": __version__})
+    extra = {"pipeline": __version__}
+    if manifest.adjudicate.judge == "openai":
+        from stages.llm_judge import load_prompt
+
+        prompt = load_prompt(manifest.adjudicate.prompt)
+        extra.update(judge_model=manifest.adjudicate.model, judge_prompt=prompt.name, judge_prompt_hash=prompt.hash)
+    resolved = write_resolved_manifest(out, manifest, extra)
 
     started = time.perf_counter()
     pending, expected, skipped = plan(manifest, writer)

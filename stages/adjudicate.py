@@ -2,7 +2,8 @@
 
 The stage owns the bookkeeping (entity statuses, accepted-region lists, adjudication log
 rows); *who* decides is a :class:`Judge`. The rules judge below is deterministic and needs
-no model; an LLM judge plugs in by implementing the same ``judge(record)`` method.
+no model; the LLM judge (``stages/llm_judge.py``) implements the same protocol and answers a
+whole batch at once (``judge_many``: one request per sample, many in flight).
 """
 from __future__ import annotations
 
@@ -22,8 +23,14 @@ class Judge(Protocol):
 
     ``judge(record)`` returns ``{region_id: verdict}`` for every region in
     ``record["regions"]``, each verdict ``{"accept": bool, "reason": str, "judge": str,
-    "prompt": str}``, plus optional log fields (``raw``, ``latency_ms``, ``tokens``,
-    ``error``) that go to the adjudication log but not into the shard.
+    "prompt": str}``, plus optional log fields (``decided_by``, ``raw``, ``latency_ms``,
+    ``tokens``, ``error``, ... see :data:`LOG_FIELDS`) that go to the adjudication log but not
+    into the shard. A verdict with ``"visual": False`` says the judge found the phrase not
+    visual at all.
+
+    ``judge_many(records, images)`` (optional) decides a whole batch at once (``images``: the
+    stored image bytes of each record); the stage calls it once per batch when the judge has
+    it (see :func:`judge_batch`).
     """
 
     name: str
@@ -31,6 +38,14 @@ class Judge(Protocol):
     def setup(self) -> None: ...
 
     def judge(self, record: dict) -> dict[int, dict]: ...
+
+
+def judge_batch(judge, records: list[dict], images: list | None = None) -> list[dict[int, dict]]:
+    """``judge.judge_many`` when the judge has it, else ``judge.judge`` on each record."""
+    many = getattr(judge, "judge_many", None)
+    if many is not None:
+        return many(records, images)
+    return [judge.judge(record) for record in records]
 
 
 class RulesJudge:
@@ -120,24 +135,33 @@ class RulesJudge:
         return None
 
 
-def make_judge(config) -> Judge:
+def make_judge(config, out_dir=None) -> Judge:
+    """The judge named by ``adjudicate.judge``; ``out_dir`` (the build's output folder) lets the
+    LLM judge reuse answers already in its logs and journal its new ones there."""
     if config.judge == "rules":
         return RulesJudge(config)
-    raise NotImplementedError(
-        f"adjudicate.judge={config.judge!r} is not available in this version; use 'rules'"
-    )
+    if config.judge == "openai":
+        from pathlib import Path
+
+        from stages.llm_judge import JOURNAL_DIR, OpenAIJudge
+
+        cache_dirs = ([out_dir] if out_dir else []) + list(config.cache_from)
+        return OpenAIJudge(config, cache_dirs=cache_dirs,
+                           journal_dir=Path(out_dir) / JOURNAL_DIR if out_dir else None)
+    raise NotImplementedError(f"adjudicate.judge={config.judge!r} is not available; use 'rules' or 'openai'")
 
 
 class AdjudicateStage:
     """Applies a judge to every sample and writes the verdicts, statuses and log rows."""
 
-    def __init__(self, config, judge: Judge | None = None):
+    def __init__(self, config, judge: Judge | None = None, out_dir=None):
         self.config = config
         self.judge = judge
+        self.out_dir = out_dir
 
     def setup(self) -> None:
         if self.judge is None:
-            self.judge = make_judge(self.config)
+            self.judge = make_judge(self.config, self.out_dir)
         self.judge.setup()
 
     def __call__(self, batch: dict) -> dict:
@@ -145,14 +169,19 @@ class AdjudicateStage:
             self.setup()
         records = list(batch["record"])
         logs = list(batch.get("log", ["[]"] * len(records)))
-        for i, status in enumerate(batch["status"]):
-            if status != ROW_OK:
-                continue
-            record = loads(records[i])
-            started = time.perf_counter()
-            verdicts = self.judge.judge(record) if record["regions"] else {}
-            elapsed_ms = (time.perf_counter() - started) * 1000
-            log_rows = finalize(record, verdicts, elapsed_ms)
+        images = batch.get("image")
+        todo = [i for i, status in enumerate(batch["status"]) if status == ROW_OK]
+        parsed = {i: loads(records[i]) for i in todo}
+        asked = [i for i in todo if parsed[i]["regions"]]
+        started = time.perf_counter()
+        results = judge_batch(self.judge, [parsed[i] for i in asked],
+                              [images[i] for i in asked] if images is not None else None)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        per_region_ms = elapsed_ms / max(sum(len(parsed[i]["regions"]) for i in asked), 1)
+        verdicts = dict(zip(asked, results))
+        for i in todo:
+            record = parsed[i]
+            log_rows = finalize(record, verdicts.get(i, {}), per_region_ms * len(record["regions"]))
             records[i] = dumps(record)
             logs[i] = json.dumps(json.loads(logs[i] or "[]") + log_rows)
         out = dict(batch)
@@ -161,7 +190,12 @@ class AdjudicateStage:
         return out
 
 
-_LOG_ONLY = ("raw", "latency_ms", "tokens", "error")
+# What a verdict keeps in the shard; everything else a judge returns goes to the log only.
+_VERDICT_KEYS = ("accept", "reason", "judge", "prompt")
+# Log fields besides the region's own, with their defaults (the rules judge sets none of them).
+LOG_FIELDS = {"decided_by": "", "cached": False, "prompt_hash": "", "input_hash": "", "raw": "",
+              "attempts": 0, "attempt_errors": "", "prompt_tokens": 0, "completion_tokens": 0,
+              "tokens": 0, "error": "", "visual": None}
 
 
 def finalize(record: dict, verdicts: dict[int, dict], elapsed_ms: float = 0.0) -> list[dict]:
@@ -174,7 +208,7 @@ def finalize(record: dict, verdicts: dict[int, dict], elapsed_ms: float = 0.0) -
     log_rows = []
     for region in record["regions"]:
         full = verdicts[region["id"]]
-        region["verdict"] = {k: v for k, v in full.items() if k not in _LOG_ONLY}
+        region["verdict"] = {k: full[k] for k in _VERDICT_KEYS}
     entities = {e["id"]: e for e in record["entities"]}
     for entity in record["entities"]:
         if entity["status"] == "skipped":
@@ -182,7 +216,12 @@ def finalize(record: dict, verdicts: dict[int, dict], elapsed_ms: float = 0.0) -
         own = [r for r in record["regions"] if r["entity"] == entity["id"]]
         accepted = [r["id"] for r in own if r["verdict"]["accept"]]
         entity["regions"] = accepted
-        if accepted:
+        not_visual = [verdicts[r["id"]] for r in own if verdicts[r["id"]].get("visual") is False]
+        if not_visual and not accepted:
+            # the judge says the phrase names nothing visible: an abstract phrase, not a miss
+            entity["status"] = "skipped"
+            entity["reason"] = "judge_not_visual: " + not_visual[0]["reason"].split(":", 1)[-1].strip()
+        elif accepted:
             entity["status"], entity["reason"] = "grounded", None
         elif own:
             entity["status"] = "rejected"
@@ -212,13 +251,15 @@ def finalize(record: dict, verdicts: dict[int, dict], elapsed_ms: float = 0.0) -
             "det_score": float(region["det_score"]),
             "mask_score": float(region.get("mask_score") or 0.0),
             "inputs": json.dumps(shown, ensure_ascii=False),
-            "raw": str(full.get("raw", "")),
             "accept": bool(full["accept"]),
             "reason": full["reason"],
             "model": full["judge"],
             "prompt": full["prompt"],
             "latency_ms": float(full.get("latency_ms", per_region_ms)),
-            "tokens": int(full.get("tokens", 0)),
-            "error": str(full.get("error", "")),
+            **{name: full.get(name, default) for name, default in LOG_FIELDS.items() if name != "raw"},
+            "raw": str(full.get("raw", "")),
         })
+        row = log_rows[-1]
+        row["decided_by"] = row["decided_by"] or ("rules" if full["judge"] == "rules" else "judge")
+        row["error"] = str(row["error"] or "")
     return log_rows

@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages.judge_stats import shard_judge_stats
 from stages.record import ROW_OK, check_record, loads
 
 INDEX_SCHEMA = pa.schema([
@@ -30,6 +31,11 @@ LOG_SCHEMA = pa.schema([
     ("accept", pa.bool_()), ("reason", pa.string()), ("model", pa.string()),
     ("prompt", pa.string()), ("latency_ms", pa.float32()), ("tokens", pa.int32()),
     ("error", pa.string()),
+    # who decided (rules | llm | fallback_rules | fallback_reject), and the LLM judge's cache key
+    # (model, prompt_hash, input_hash) and request numbers (see stages/llm_judge.py)
+    ("decided_by", pa.string()), ("cached", pa.bool_()), ("prompt_hash", pa.string()),
+    ("input_hash", pa.string()), ("attempts", pa.int32()), ("attempt_errors", pa.string()),
+    ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()), ("visual", pa.bool_()),
 ])
 REJECTED_SCHEMA = pa.schema([
     ("seq", pa.int64()), ("key", pa.string()), ("reason", pa.string()), ("item", pa.string()),
@@ -117,24 +123,64 @@ class ShardWriter:
         index_table = pa.Table.from_pylist(index_rows, schema=INDEX_SCHEMA) if index_rows else INDEX_SCHEMA.empty_table()
         _atomic_write(paths["index"], lambda p: pq.write_table(index_table, p))
 
-        def write_tar(path: Path) -> None:
-            with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-                for row, record in zip(ok, records):
-                    image = bytes(row["image"])
-                    _add_member(tar, f"{record['key']}.{row['ext']}", image)
-                    _add_member(tar, f"{record['key']}.json",
-                                json.dumps(record, ensure_ascii=False).encode("utf-8"))
+        def members():
+            for row, record in zip(ok, records):
+                yield f"{record['key']}.{row['ext']}", bytes(row["image"])
+                # the record column already is the sample's JSON (checked above): stored as is
+                text = row["record"]
+                yield f"{record['key']}.json", text if isinstance(text, bytes) else text.encode("utf-8")
 
-        _atomic_write(paths["tar"], write_tar)
+        _atomic_write(paths["tar"], lambda path: write_tar(path, members()))
         return stats
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _member_info(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
-    info.size = len(data)
+    info.size = size
     info.mtime = 0  # reproducible shards: same inputs, same bytes
     info.mode = 0o644
-    tar.addfile(info, io.BytesIO(data))
+    return info
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    tar.addfile(_member_info(name, len(data)), io.BytesIO(data))
+
+
+_HEADER_TEMPLATE: bytes | None = None
+
+
+def _ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte USTAR header ``tarfile`` writes for a regular file (mode 0644, mtime 0, no
+    owner), built from a template: ``tarfile``'s own header code costs more than the data copy."""
+    global _HEADER_TEMPLATE
+    raw = name.encode("utf-8")
+    if len(raw) > 100 or size >= 8 ** 11:  # prefix split / big sizes: let tarfile do it
+        return _member_info(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    if _HEADER_TEMPLATE is None:
+        _HEADER_TEMPLATE = _member_info("x", 0).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    buf = bytearray(_HEADER_TEMPLATE)
+    buf[0:100] = raw.ljust(100, b"\0")
+    buf[124:136] = b"%011o\0" % size
+    buf[148:156] = b"        "
+    buf[148:155] = b"%06o\0" % sum(buf)
+    return bytes(buf)
+
+
+def write_tar(path: Path, members) -> None:
+    """Write ``(name, bytes)`` members as an uncompressed USTAR archive, byte for byte what
+    ``tarfile.open(path, "w", format=USTAR_FORMAT)`` + ``addfile`` writes (tests/test_write.py)."""
+    block, record = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
+    offset = 0
+    with open(path, "wb", buffering=1 << 20) as fh:
+        for name, data in members:
+            fh.write(_ustar_header(name, len(data)))
+            fh.write(data)
+            pad = -len(data) % block
+            if pad:
+                fh.write(b"\0" * pad)
+            offset += block + len(data) + pad
+        offset += 2 * block
+        fh.write(b"\0" * (2 * block + (-offset % record)))
 
 
 def shard_stats(shard: int, rows: list[dict], records: list[dict], log_rows: list[dict]) -> dict:
@@ -162,4 +208,5 @@ def shard_stats(shard: int, rows: list[dict], records: list[dict], log_rows: lis
         "regions_accepted": sum(1 for l in log_rows if l["accept"]),
         "verdicts_by_reason": dict(verdict_reasons),
         "stage_seconds": {k: round(v, 4) for k, v in stage_seconds.items()},
+        "judge": shard_judge_stats(log_rows),
     }
