@@ -48,10 +48,11 @@ publish: $(STAMP)
 	$(PY) -m pipeline publish $(or $(OUT),out/sample) $(if $(REPO),--repo $(REPO),--to $(TO)) \
 		$(if $(PRIVATE),--private) $(if $(DRY_RUN),--dry-run)
 
-# Benchmark of the where-to-look loss (CPU, scaled widths); GPU (H100): .venv/bin/python bench/loss_gpu.py
+# Every CPU benchmark in bench/ (parse, write, scale, judge, loss; ~6 min on 2 cores) -> bench/results/*.json
+# + README.md with the machine described. On a GPU machine it also runs bench/gpu.py and bench/loss_gpu.py.
+# BENCH_ARGS: e.g. --quick (smoke test), --only parse,write, --gpu no
 bench: $(STAMP)
-	$(PY) bench/loss.py --out bench/results/loss-cpu.md
-	$(PY) bench/judge.py
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf out $(CACHE)

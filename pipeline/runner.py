@@ -208,6 +208,7 @@ def _execute_ray(manifest: Manifest, rows: list[dict]):
         manifest_json = manifest.model_dump_json()
         size = runtime.cpu_batch_size
         gpus = ray.cluster_resources().get("GPU", 0)
+        cpus = ray.cluster_resources().get("CPU", 1)
         ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // size))
         # prepare: CPU workers resize the images for the models (uint8), so the GPU actor only
         # copies, normalises and runs them (stages/prep.py)
@@ -217,10 +218,14 @@ def _execute_ray(manifest: Manifest, rows: list[dict]):
         model_args = {"num_gpus": 1 / runtime.actors_per_gpu} if use_gpu else {}
         # A distinct resource request also keeps Ray from fusing the CPU tasks into the actor.
         model_args["memory"] = runtime.model_memory_mb * 1024 * 1024
+        # One CPU per actor, but never all of them: actors that held every CPU would leave none
+        # for the CPU stages and the plan would wait forever (a 1-CPU cluster, or as many
+        # actors as CPUs on a CPU-only run); then the actors share the CPUs with the tasks.
+        actor_cpus = min(1.0, max(cpus - 1, 0) / runtime.model_workers)
         ds = ds.map_batches(
             GroundSegmentActor, fn_constructor_kwargs={"manifest_json": manifest_json},
             batch_size=size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=runtime.model_workers), num_cpus=1, **model_args)
+            compute=ray.data.ActorPoolStrategy(size=runtime.model_workers), num_cpus=actor_cpus, **model_args)
         if manifest.adjudicate.judge == "openai":
             # waits on the network, not the CPU: no CPU reserved, so it never starves the CPU stages
             ds = ds.map_batches(

@@ -25,8 +25,15 @@ import torch
 
 from stages import record as rec
 from stages.models import autocast, load_pretrained, model_ref, resolve_device, resolve_dtype
+from stages.prep import ImagePrep
 
 MIN_BOX_SIDE = 1.0  # pixels; narrower/shorter boxes (after clipping) are degenerate
+# At most this many candidate boxes per phrase enter NMS (best scores first): with a low
+# threshold every one of GroundingDINO's 900 queries is a candidate, and NMS is quadratic.
+PRE_NMS_TOP_K = 300
+# Column that CPU workers fill with the image already resized for GroundingDINO (uint8); see
+# stages/prep.py. Without it the stage resizes itself, with the same result.
+PREPARED_COLUMN = "det_pixels"
 
 # GroundingDINO treats '.' and '?' as phrase delimiters (its SPECIAL_TOKENS), so they cannot
 # appear inside a phrase.
@@ -138,6 +145,33 @@ def phrase_scores(logits: torch.Tensor, spans: Sequence[tuple[int, int]],
     return keep, scores
 
 
+def batch_phrase_scores(logits: torch.Tensor, spans: Sequence[Sequence[tuple[int, int]]],
+                        box_threshold: float, text_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`phrase_scores` for a batch of prompts at once, on the logits' device (same values):
+    ``logits`` (B, num_queries, num_text_tokens), ``spans[b]`` the phrase spans of prompt b. Returns
+    ``(keep, scores)`` of shape (B, num_queries, max phrases); columns past a prompt's own phrases
+    are never kept. Only these small tensors need to reach the host, not the logits."""
+    probs = logits.float().sigmoid()
+    n_b, n_q, n_t = probs.shape
+    n_p = max((len(s) for s in spans), default=0)
+    masks = torch.zeros((n_p, n_b, n_t), dtype=torch.bool)
+    valid = torch.zeros((n_b, n_p), dtype=torch.bool)
+    for b, row in enumerate(spans):
+        for p, (start, end) in enumerate(row):
+            if end > start:
+                masks[p, b, start:end] = True
+                valid[b, p] = True
+    if probs.device.type == "cuda":
+        masks = masks.pin_memory().to(probs.device, non_blocking=True)
+        valid = valid.pin_memory().to(probs.device, non_blocking=True)
+    scores = torch.zeros((n_b, n_q, n_p), dtype=probs.dtype, device=probs.device)
+    for p in range(n_p):  # sigmoids are >= 0: the max over a span is the max of the masked row
+        scores[:, :, p] = torch.where(masks[p][:, None, :], probs, 0.0).amax(dim=-1)
+    query_max = probs.amax(dim=-1) if n_t else torch.zeros((n_b, n_q), device=probs.device)
+    keep = (scores >= text_threshold) & (query_max >= box_threshold)[:, :, None] & valid[:, None, :]
+    return keep, scores
+
+
 def cxcywh_to_xyxy(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """Normalised (cx, cy, w, h) -> absolute (x0, y0, x1, y1) pixels of a width x height image."""
     cx, cy, w, h = boxes.float().unbind(-1)
@@ -163,6 +197,15 @@ def select_boxes(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor
     idx = ok.nonzero().flatten()
     if idx.numel() == 0:
         return idx
+    if idx.numel() > PRE_NMS_TOP_K:
+        capped = []
+        for label in torch.unique(labels[idx]).tolist():
+            mine = idx[labels[idx] == label]
+            if mine.numel() > PRE_NMS_TOP_K:
+                order = torch.argsort(scores[mine], descending=True, stable=True)
+                mine = mine[order[:PRE_NMS_TOP_K]].sort().values
+            capped.append(mine)
+        idx = torch.cat(capped).sort().values
     kept = idx[batched_nms(boxes[idx].float(), scores[idx].float(), labels[idx], nms_iou)]
     out = []
     for label in sorted(set(labels[kept].tolist())):
@@ -242,8 +285,36 @@ class BatchRows:
         return out
 
 
+class _Pending:
+    """GroundingDINO work issued to the device, not yet waited for (see ``GroundStage.launch``)."""
+
+    def __init__(self, images, jobs_per_chunk, outputs, event):
+        self.images = images
+        self.chunks = jobs_per_chunk      # [[(image index, Prompt), ...], ...]
+        self.outputs = outputs            # [(logits, boxes)] host tensors, filled asynchronously
+        self.event = event                # CUDA event recorded after the last copy (None on CPU)
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Start an asynchronous copy of a device tensor into pinned host memory (no wait)."""
+    if tensor.device.type != "cuda":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
+
+
 class GroundStage:
-    """GroundingDINO detection stage (see module docstring). ``setup()`` loads the model once."""
+    """GroundingDINO detection stage (see module docstring). ``setup()`` loads the model once.
+
+    GPU path: the images arrive resized by CPU workers (``det_pixels``, stages/prep.py; resized
+    here when absent), are copied through pinned memory without blocking and normalised on the
+    device; GroundingDINO runs on batches of ``detect.batch_size`` prompts; all batches of a call
+    are issued before the first wait, and their outputs come back in one asynchronous copy each.
+    ``detect.batching``: ``bucket`` (default) batches only images of the same input size, so an
+    image's boxes never depend on its batch-mates (the Swin backbone does not mask padding);
+    ``pad`` batches in input order with zero padding (fewer, fuller batches on mixed sizes).
+    """
 
     provenance_key = "detector"
 
@@ -252,21 +323,31 @@ class GroundStage:
         self.runtime = runtime
         self.model = None
         self.processor = None
+        self.prep: ImagePrep | None = None
         self.device: torch.device | None = None
         self.dtype: torch.dtype | None = None
         self.max_tokens: int | None = None
         self.ref = model_ref(detect.model, detect.revision)
 
     # -- lifecycle ---------------------------------------------------------------------------
+    def setup_processor(self) -> None:
+        """Load only the processor (CPU workers that prepare images need nothing else)."""
+        if self.processor is None:
+            from transformers import AutoProcessor
+
+            self.processor = load_pretrained(AutoProcessor, self.detect.model, self.detect.revision,
+                                             field="detect.model")
+        if self.prep is None:
+            self.prep = ImagePrep(self.processor.image_processor, "gdino")
+
     def setup(self) -> None:
         if self.model is not None:
             return
-        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+        from transformers import AutoModelForZeroShotObjectDetection
 
         self.device = resolve_device(self.runtime.device)
         self.dtype = resolve_dtype(self.runtime.dtype, self.device)
-        self.processor = load_pretrained(AutoProcessor, self.detect.model, self.detect.revision,
-                                         field="detect.model")
+        self.setup_processor()
         model = load_pretrained(AutoModelForZeroShotObjectDetection, self.detect.model, self.detect.revision,
                                 field="detect.model")
         self.model = model.to(self.device).eval()
@@ -279,44 +360,79 @@ class GroundStage:
         return self.processor.tokenizer
 
     # -- inference ---------------------------------------------------------------------------
-    def _forward(self, images: list[np.ndarray], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        pix = self.processor.image_processor(images, return_tensors="pt", input_data_format="channels_last")
-        tok = self.tokenizer(texts, padding="longest", return_tensors="pt")
-        inputs = {
-            "pixel_values": pix["pixel_values"].to(self.device),
-            "pixel_mask": pix["pixel_mask"].to(self.device),
-            "input_ids": tok["input_ids"].to(self.device),
-            "attention_mask": tok["attention_mask"].to(self.device),
-        }
-        if "token_type_ids" in tok:
-            inputs["token_type_ids"] = tok["token_type_ids"].to(self.device)
-        with torch.inference_mode(), autocast(self.device, self.dtype):
-            out = self.model(**inputs)
-        return out.logits.float().cpu(), out.pred_boxes.float().cpu()
+    def prepare(self, pixels: np.ndarray) -> np.ndarray:
+        """CPU half of the image preprocessing: pixels resized to GroundingDINO's input size (uint8)."""
+        self.setup_processor()
+        return self.prep.resize(pixels)
 
-    def detect_batch(self, images: list[np.ndarray], keys_per_image: list[list[str]]) -> list[dict[str, list[tuple[list[float], float]]]]:
-        """Boxes per distinct phrase for each image: ``[{key: [(box_xyxy, score), ...]}]``
-        (after NMS and the per-phrase cap, best first)."""
+    def _prepared(self, image: np.ndarray, given: Any) -> np.ndarray:
+        want = self.prep.output_size(*image.shape[:2])
+        if given is not None:
+            arr = np.asarray(given)
+            if arr.dtype == np.uint8 and arr.shape == (*want, 3):
+                return arr
+        return self.prep.resize(image)
+
+    def _forward(self, inputs: list[np.ndarray], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One GroundingDINO pass over prepared (resized, uint8) images; outputs stay on the device."""
+        pixel_values, pixel_mask = self.prep.upload(inputs, self.device)
+        tok = self.tokenizer(texts, padding="longest", return_tensors="pt")
+        pin = self.device.type == "cuda"
+        feeds = {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
+        for name in ("input_ids", "attention_mask", "token_type_ids"):
+            if name in tok:
+                t = tok[name].pin_memory() if pin else tok[name]
+                feeds[name] = t.to(self.device, non_blocking=True)
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            out = self.model(**feeds)
+        return out.logits.float(), out.pred_boxes.float()
+
+    def launch(self, images: list[np.ndarray], keys_per_image: list[list[str]],
+               prepared: list | None = None) -> _Pending:
+        """Issue GroundingDINO for every prompt of every image; returns without waiting."""
         self.setup()
         cfg = self.detect
+        inputs = [self._prepared(img, prepared[i] if prepared is not None else None)
+                  for i, img in enumerate(images)]
         jobs: list[tuple[int, Prompt]] = []
         for i, keys in enumerate(keys_per_image):
             for prompt in build_prompts(keys, self.tokenizer, self.max_tokens):
                 jobs.append((i, prompt))
-        found: list[list[tuple[torch.Tensor, torch.Tensor, str]]] = [[] for _ in images]
-        # Batch only images of the same size. GroundingDINO's Swin backbone sees the zero
-        # padding of a mixed-size batch (nothing masks it), so an image's boxes would depend
-        # on which other images share its batch: a resumed build could then differ from an
-        # uninterrupted one. Same-size buckets need no padding (COCO is mostly 640x480/480x640).
-        buckets: dict[tuple[int, int], list[tuple[int, Prompt]]] = {}
-        for job in jobs:
-            buckets.setdefault(tuple(images[job[0]].shape[:2]), []).append(job)
-        chunks = [group[s:s + cfg.batch_size] for group in buckets.values()
-                  for s in range(0, len(group), cfg.batch_size)]
+        if getattr(cfg, "batching", "bucket") == "pad":
+            groups = [jobs]
+        else:
+            # Batch only images of the same input size. GroundingDINO's Swin backbone sees the
+            # zero padding of a mixed-size batch (nothing masks it), so an image's boxes would
+            # depend on which other images share its batch: a resumed build could then differ
+            # from an uninterrupted one. Same-size buckets need no padding (COCO's 640x480 and
+            # 480x640 give two buckets).
+            buckets: dict[tuple[int, int], list[tuple[int, Prompt]]] = {}
+            for job in jobs:
+                buckets.setdefault(tuple(inputs[job[0]].shape[:2]), []).append(job)
+            groups = list(buckets.values())
+        chunks = [group[s:s + cfg.batch_size] for group in groups for s in range(0, len(group), cfg.batch_size)]
+        outputs = []
         for chunk in chunks:
-            logits, boxes = self._forward([images[i] for i, _ in chunk], [p.text for _, p in chunk])
+            logits, boxes = self._forward([inputs[i] for i, _ in chunk], [p.text for _, p in chunk])
+            keep, scores = batch_phrase_scores(logits, [p.spans for _, p in chunk], cfg.box_threshold,
+                                               cfg.text_threshold)
+            outputs.append((_to_host(keep), _to_host(scores), _to_host(boxes)))
+        event = None
+        if self.device.type == "cuda" and chunks:
+            event = torch.cuda.Event()
+            event.record()
+        return _Pending(images, chunks, outputs, event)
+
+    def finish(self, pending: _Pending) -> list[dict[str, list[tuple[list[float], float]]]]:
+        """Wait for :meth:`launch`'s work (one wait) and turn it into boxes per phrase, on the host."""
+        cfg = self.detect
+        images = pending.images
+        if pending.event is not None:
+            pending.event.synchronize()
+        found: list[list[tuple[torch.Tensor, torch.Tensor, str]]] = [[] for _ in images]
+        for chunk, (keep_all, scores_all, boxes) in zip(pending.chunks, pending.outputs):
             for j, (i, prompt) in enumerate(chunk):
-                keep, scores = phrase_scores(logits[j], prompt.spans, cfg.box_threshold, cfg.text_threshold)
+                keep, scores = keep_all[j], scores_all[j]
                 height, width = images[i].shape[:2]
                 xyxy = cxcywh_to_xyxy(boxes[j], width, height)
                 for p, key in enumerate(prompt.keys):
@@ -343,8 +459,16 @@ class GroundStage:
             results.append(per_key)
         return results
 
-    def __call__(self, batch: dict) -> dict:
+    def detect_batch(self, images: list[np.ndarray], keys_per_image: list[list[str]],
+                     prepared: list | None = None) -> list[dict[str, list[tuple[list[float], float]]]]:
+        """Boxes per distinct phrase for each image: ``[{key: [(box_xyxy, score), ...]}]``
+        (after NMS and the per-phrase cap, best first)."""
+        return self.finish(self.launch(images, keys_per_image, prepared))
+
+    def begin(self, batch: dict):
+        """First half of ``__call__``: read the rows and issue the detector (no wait)."""
         rows = BatchRows(batch)
+        prepared_col = batch.get(PREPARED_COLUMN) if hasattr(batch, "get") else None
         todo: list[tuple[int, dict, list[dict], list[str], np.ndarray]] = []
         for i in range(rows.n):
             if not rows.ok(i):
@@ -363,8 +487,17 @@ class GroundStage:
                     todo.append((i, record, candidates, keys, image))
             else:
                 rows.records[i] = rec.dumps(record)
+        pending = None
         if todo:
-            detections = self.detect_batch([t[4] for t in todo], [t[3] for t in todo])
+            prepared = [prepared_col[t[0]] for t in todo] if prepared_col is not None else None
+            pending = self.launch([t[4] for t in todo], [t[3] for t in todo], prepared)
+        return rows, todo, pending
+
+    def end(self, state) -> dict:
+        """Second half of ``__call__``: wait for the detector and write the regions."""
+        rows, todo, pending = state
+        if todo:
+            detections = self.finish(pending)
             for (i, record, candidates, _, _), per_key in zip(todo, detections):
                 regions = record.setdefault("regions", [])
                 next_id = max((r["id"] for r in regions), default=-1) + 1
@@ -375,6 +508,10 @@ class GroundStage:
                 rows.records[i] = rec.dumps(record)
         return rows.result()
 
+    def __call__(self, batch: dict) -> dict:
+        return self.end(self.begin(batch))
 
-__all__ = ["GroundStage", "Prompt", "normalize_phrase", "build_prompts", "phrase_scores", "cxcywh_to_xyxy",
-           "select_boxes", "rgb_pixels", "BatchRows", "MIN_BOX_SIDE"]
+
+__all__ = ["GroundStage", "Prompt", "normalize_phrase", "build_prompts", "phrase_scores", "batch_phrase_scores",
+           "cxcywh_to_xyxy",
+           "select_boxes", "rgb_pixels", "BatchRows", "MIN_BOX_SIDE", "PRE_NMS_TOP_K", "PREPARED_COLUMN"]

@@ -33,6 +33,7 @@ Stage conventions
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import Any, Iterable
@@ -51,12 +52,21 @@ BATCH_COLUMNS = ("key", "shard", "seq", "status", "reason", "image", "ext", "pix
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]+")
 
 
-def sanitize_key(text: str, max_len: int = 120) -> str:
-    """Make a WebDataset-safe key: letters, digits, ``_`` and ``-`` only (no dots, no ``/``)."""
+# Tar member names are "{key}.{ext}" and USTAR stores at most 100 bytes of a name without a
+# "/" to split on: 90 characters leave room for ".json" / ".webp".
+MAX_KEY_LEN = 90
+
+
+def sanitize_key(text: str, max_len: int = MAX_KEY_LEN) -> str:
+    """Make a WebDataset-safe key: letters, digits, ``_`` and ``-`` only (no dots, no ``/``).
+    A longer key is cut and ends in a hash of the whole, so distinct long ids stay distinct."""
     key = _KEY_BAD.sub("-", str(text)).strip("-")
     if not key:
         raise ValueError(f"cannot derive a key from {text!r}")
-    return key[:max_len]
+    if len(key) > max_len:
+        digest = hashlib.sha1(key.encode("utf-8")).hexdigest()[:8]
+        key = f"{key[:max_len - 9].rstrip('-')}-{digest}"
+    return key
 
 
 def make_key(dataset: str, source_id: str, suffix: str | int | None = None) -> str:

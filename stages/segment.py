@@ -2,27 +2,78 @@
 
 The image encoder runs once per image (``get_image_embeddings``, ``segment.batch_size`` images
 per pass); all boxes of an image are prompted in one mask-decoder call with
-``multimask_output=False``. Masks are post-processed to the stored image's resolution (the
-``pixels`` array), binarised, and stored on the region as COCO RLE ``mask_rle`` (``size ==
-[H, W]``, ``counts`` as str), with ``mask_score`` (SAM's predicted IoU, clipped to [0, 1]) and ``area`` (pixels).
+``multimask_output=False``, and the decoder calls of several images are batched together
+(boxes padded to the largest count, at most :data:`MAX_PROMPTS_PER_DECODE` prompts per call;
+prompts are independent in SAM's decoder, so padding changes no real mask). Masks are
+post-processed to the stored image's resolution (the ``pixels`` array) **on the device**
+(SamProcessor's ``post_process_masks`` steps), binarised, copied to the host once per call,
+and stored on the region as COCO RLE ``mask_rle`` (``size == [H, W]``, ``counts`` as str), with
+``mask_score`` (SAM's predicted IoU, clipped to [0, 1]) and ``area`` (pixels).
 Regions that already carry a mask are left alone.
+
+GPU path: the images arrive resized by CPU workers (``sam_pixels``, stages/prep.py; resized here
+when absent), go to the device through pinned memory without blocking, are normalised and padded
+there; nothing waits for the device before the masks of the whole call are copied back.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from stages import record as rec
-from stages.ground import BatchRows
+from stages.ground import BatchRows, _to_host
 from stages.models import autocast, load_pretrained, model_ref, resolve_device, resolve_dtype
+from stages.prep import ImagePrep
+
+# Column that CPU workers fill with the image already resized for SAM (uint8); see stages/prep.py.
+PREPARED_COLUMN = "sam_pixels"
+# Mask-decoder prompts per call (images x padded boxes): bounds the decoder's memory, since it
+# repeats the image embedding once per prompt.
+MAX_PROMPTS_PER_DECODE = 256
+
+
+def _rle_string(counts: np.ndarray) -> str:
+    """COCO's compressed RLE string of run lengths (pycocotools' ``rleToString``, vectorised)."""
+    x = counts.astype(np.int64).copy()
+    if len(x) > 3:  # from the fourth run on, the difference to the run two before
+        x[3:] -= counts[1:-2].astype(np.int64)
+    shifts = np.arange(7, dtype=np.int64) * 5
+    chunks = (x[:, None] >> shifts[None, :]) & 0x1F                  # 5 bits per character
+    rest = x[:, None] >> (shifts[None, :] + 5)                        # what is left after each
+    more = np.where((chunks & 0x10) != 0, rest != -1, rest != 0)      # another character follows
+    n_chars = 1 + more.sum(axis=1)
+    codes = chunks | np.where(more, 0x20, 0)
+    codes += 48
+    take = np.arange(7)[None, :] < n_chars[:, None]
+    return codes[take].astype(np.uint8).tobytes().decode("ascii")
+
+
+def _encode_masks_numpy(masks: np.ndarray) -> list[dict]:
+    """Same output as pycocotools' ``mask.encode`` (used when pycocotools is not installed)."""
+    out = []
+    n, h, w = masks.shape
+    for m in masks:
+        flat = np.asarray(m, dtype=bool).ravel(order="F")
+        change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        bounds = np.concatenate(([0], change, [flat.size]))
+        counts = np.diff(bounds)
+        if flat.size and flat[0]:
+            counts = np.concatenate(([0], counts))
+        out.append({"size": [int(h), int(w)], "counts": _rle_string(counts)})
+    return out
 
 
 def encode_masks(masks: np.ndarray) -> list[dict]:
     """(N, H, W) bool/uint8 masks -> JSON-ready COCO RLEs ``{"size": [H, W], "counts": str}``."""
-    from pycocotools import mask as mask_utils
-
     if len(masks) == 0:
         return []
+    try:
+        from pycocotools import mask as mask_utils
+    except ImportError:  # e.g. a bare GPU image: same strings, computed with numpy
+        return _encode_masks_numpy(np.asarray(masks))
     stacked = np.asfortranarray(np.transpose(masks.astype(np.uint8), (1, 2, 0)))
     out = []
     for rle in mask_utils.encode(stacked):
@@ -40,6 +91,14 @@ def scale_boxes(boxes, original_size: tuple[int, int], reshaped_size: tuple[int,
     return torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4) * scale
 
 
+class Encoded:
+    """SAM image embeddings issued to the device for some images (see ``SegmentStage.encode``)."""
+
+    def __init__(self):
+        self.where: dict[int, tuple[torch.Tensor, int]] = {}   # image index -> (embeddings, row in them)
+        self.sizes: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {}  # -> (original, reshaped)
+
+
 class SegmentStage:
     """SAM box-prompted segmentation stage (see module docstring)."""
 
@@ -50,52 +109,131 @@ class SegmentStage:
         self.runtime = runtime
         self.model = None
         self.processor = None
+        self.prep: ImagePrep | None = None
         self.device: torch.device | None = None
         self.dtype: torch.dtype | None = None
         self.ref = model_ref(segment.model, segment.revision)
 
+    def setup_processor(self) -> None:
+        """Load only the processor (CPU workers that prepare images need nothing else)."""
+        if self.processor is None:
+            from transformers import SamProcessor
+
+            self.processor = load_pretrained(SamProcessor, self.segment.model, self.segment.revision,
+                                             field="segment.model")
+        if self.prep is None:
+            self.prep = ImagePrep(self.processor.image_processor, "sam")
+
     def setup(self) -> None:
         if self.model is not None:
             return
-        from transformers import SamModel, SamProcessor
+        from transformers import SamModel
 
         self.device = resolve_device(self.runtime.device)
         self.dtype = resolve_dtype(self.runtime.dtype, self.device)
-        self.processor = load_pretrained(SamProcessor, self.segment.model, self.segment.revision,
-                                         field="segment.model")
+        self.setup_processor()
         model = load_pretrained(SamModel, self.segment.model, self.segment.revision, field="segment.model")
         self.model = model.to(self.device).eval()
         self.ref = model_ref(self.segment.model, self.segment.revision)
 
-    def segment_images(self, images: list[np.ndarray], boxes: list[list[list[float]]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """For each image and its boxes (absolute xyxy pixels), ``(masks (N, H, W) bool, iou (N,))``."""
+    def prepare(self, pixels: np.ndarray) -> np.ndarray:
+        """CPU half of the image preprocessing: pixels resized to SAM's input size (uint8)."""
+        self.setup_processor()
+        return self.prep.resize(pixels)
+
+    def _prepared(self, image: np.ndarray, given: Any) -> np.ndarray:
+        want = self.prep.output_size(*image.shape[:2])
+        if given is not None:
+            arr = np.asarray(given)
+            if arr.dtype == np.uint8 and arr.shape == (*want, 3):
+                return arr
+        return self.prep.resize(image)
+
+    def encode(self, images: dict[int, np.ndarray], prepared: dict[int, Any] | None = None,
+               into: Encoded | None = None) -> Encoded:
+        """Issue the image encoder for ``{index: pixels}`` (``segment.batch_size`` per pass); no wait."""
         self.setup()
-        results: list[tuple[np.ndarray, np.ndarray]] = [None] * len(images)  # type: ignore[list-item]
-        image_processor = self.processor.image_processor
-        for start in range(0, len(images), self.segment.batch_size):
-            idx = list(range(start, min(start + self.segment.batch_size, len(images))))
-            enc = image_processor([images[i] for i in idx], return_tensors="pt", input_data_format="channels_last")
-            original_sizes = [tuple(int(v) for v in s) for s in enc["original_sizes"]]
-            reshaped_sizes = [tuple(int(v) for v in s) for s in enc["reshaped_input_sizes"]]
+        enc = into or Encoded()
+        todo = [i for i in images if i not in enc.where]
+        for start in range(0, len(todo), self.segment.batch_size):
+            idx = todo[start:start + self.segment.batch_size]
+            inputs = [self._prepared(images[i], (prepared or {}).get(i)) for i in idx]
+            pixel_values, _ = self.prep.upload(inputs, self.device)
             with torch.inference_mode(), autocast(self.device, self.dtype):
-                embeddings = self.model.get_image_embeddings(enc["pixel_values"].to(self.device))
-                for j, i in enumerate(idx):
-                    if not boxes[i]:
-                        h, w = original_sizes[j]
-                        results[i] = (np.zeros((0, h, w), dtype=bool), np.zeros(0, dtype=np.float32))
-                        continue
-                    (h, w), (rh, rw) = original_sizes[j], reshaped_sizes[j]
-                    prompt = scale_boxes(boxes[i], (h, w), (rh, rw))[None].to(self.device)
-                    out = self.model(image_embeddings=embeddings[j:j + 1], input_boxes=prompt,
-                                     multimask_output=False)
-                    masks = image_processor.post_process_masks(
-                        [out.pred_masks[0].float()], [(h, w)], [(rh, rw)], binarize=True)[0]
-                    results[i] = (masks[:, 0].cpu().numpy().astype(bool),
-                                  out.iou_scores[0, :, 0].float().cpu().numpy())
+                embeddings = self.model.get_image_embeddings(pixel_values)
+            for j, i in enumerate(idx):
+                enc.where[i] = (embeddings, j)
+                enc.sizes[i] = (tuple(images[i].shape[:2]), tuple(inputs[j].shape[:2]))
+        return enc
+
+    def _postprocess(self, low_res: torch.Tensor, original: tuple[int, int], reshaped: tuple[int, int]) -> torch.Tensor:
+        """(n, 1, h', w') decoder logits -> (n, H, W) bool masks at the stored size, on the device
+        (SamImageProcessor.post_process_masks: upscale to the padded input, crop, resize, > 0)."""
+        pad = self.prep.pad_size or (self.prep.longest, self.prep.longest)
+        m = F.interpolate(low_res.float(), pad, mode="bilinear", align_corners=False)
+        m = m[..., : reshaped[0], : reshaped[1]]
+        m = F.interpolate(m, original, mode="bilinear", align_corners=False)
+        return (m > 0.0)[:, 0]
+
+    def decode(self, enc: Encoded, boxes: dict[int, list[list[float]]]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Masks for ``{index: boxes}`` from embeddings in ``enc``: ``{index: (masks (N, H, W) bool, iou (N,))}``.
+        Decoder calls are batched across images; one wait, at the end."""
+        results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        work = []
+        for i, bxs in boxes.items():
+            if not bxs:
+                h, w = enc.sizes[i][0] if i in enc.sizes else (0, 0)
+                results[i] = (np.zeros((0, h, w), dtype=bool), np.zeros(0, dtype=np.float32))
+            else:
+                work.append(i)
+        groups: list[list[int]] = []
+        for i in work:  # consecutive images, at most MAX_PROMPTS_PER_DECODE padded prompts per call
+            if groups:
+                size = max(len(boxes[k]) for k in groups[-1] + [i]) * (len(groups[-1]) + 1)
+                if size <= MAX_PROMPTS_PER_DECODE:
+                    groups[-1].append(i)
+                    continue
+            groups.append([i])
+        pending = []
+        pin = self.device.type == "cuda"
+        for group in groups:
+            n_max = max(len(boxes[i]) for i in group)
+            prompt = torch.empty((len(group), n_max, 4), dtype=torch.float32, pin_memory=pin)
+            for g, i in enumerate(group):
+                scaled = scale_boxes(boxes[i], *enc.sizes[i])
+                prompt[g, : len(scaled)] = scaled
+                prompt[g, len(scaled):] = scaled[-1]  # padding prompts: discarded below
+            embeddings = torch.cat([enc.where[i][0][enc.where[i][1]][None] for i in group])
+            with torch.inference_mode(), autocast(self.device, self.dtype):
+                out = self.model(image_embeddings=embeddings, input_boxes=prompt.to(self.device, non_blocking=True),
+                                 multimask_output=False)
+                for g, i in enumerate(group):
+                    n = len(boxes[i])
+                    masks = self._postprocess(out.pred_masks[g, :n], *enc.sizes[i])
+                    pending.append((i, _to_host(masks), _to_host(out.iou_scores[g, :n, 0].float())))
+        if pin and pending:
+            torch.cuda.current_stream().synchronize()  # the one wait: every copy above is done
+        for i, masks, iou in pending:
+            results[i] = (masks.numpy().astype(bool, copy=False), iou.numpy())
         return results
 
-    def __call__(self, batch: dict) -> dict:
+    def segment_images(self, images: list[np.ndarray], boxes: list[list[list[float]]],
+                       prepared: list | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each image and its boxes (absolute xyxy pixels), ``(masks (N, H, W) bool, iou (N,))``."""
+        self.setup()
+        with_boxes = {i: images[i] for i in range(len(images)) if boxes[i]}
+        prep = {i: prepared[i] for i in with_boxes} if prepared is not None else None
+        enc = self.encode(with_boxes, prep)
+        for i in range(len(images)):
+            enc.sizes.setdefault(i, (tuple(images[i].shape[:2]), (0, 0)))
+        out = self.decode(enc, {i: boxes[i] for i in range(len(images))})
+        return [out[i] for i in range(len(images))]
+
+    def __call__(self, batch: dict, encoded: Encoded | None = None) -> dict:
+        """``encoded``: embeddings already issued for some rows (by row index), e.g. by
+        GroundAndSegment while the detector's results were being read."""
         rows = BatchRows(batch)
+        prepared_col = batch.get(PREPARED_COLUMN) if hasattr(batch, "get") else None
         todo: list[tuple[int, dict, list[dict], np.ndarray]] = []
         for i in range(rows.n):
             if not rows.ok(i):
@@ -110,8 +248,13 @@ class SegmentStage:
             else:
                 rows.records[i] = rec.dumps(record)
         if todo:
-            results = self.segment_images([t[3] for t in todo], [[r["box_xyxy"] for r in t[2]] for t in todo])
-            for (i, record, regions, _), (masks, ious) in zip(todo, results):
+            self.setup()
+            images = {i: image for i, _, _, image in todo}
+            prepared = {i: prepared_col[i] for i in images} if prepared_col is not None else None
+            enc = self.encode(images, prepared, into=encoded)
+            results = self.decode(enc, {i: [r["box_xyxy"] for r in regions] for i, _, regions, _ in todo})
+            for i, record, regions, _ in todo:
+                masks, ious = results[i]
                 for region, rle, m, iou in zip(regions, encode_masks(masks), masks, ious):
                     region["mask_rle"] = rle
                     region["mask_score"] = round(min(max(float(iou), 0.0), 1.0), 5)  # predicted IoU, clipped
@@ -120,4 +263,4 @@ class SegmentStage:
         return rows.result()
 
 
-__all__ = ["SegmentStage", "encode_masks", "scale_boxes"]
+__all__ = ["SegmentStage", "Encoded", "encode_masks", "scale_boxes", "PREPARED_COLUMN", "MAX_PROMPTS_PER_DECODE"]

@@ -1,0 +1,164 @@
+"""A real two-node Ray cluster on this machine: a head (``ray start --head`` on 127.0.0.1) and a
+second node process joining it; the sample build runs on it through ``runtime.ray_address`` and
+must give the same samples as the local executor.
+
+Teardown stops exactly the processes this test started: the cluster gets its own ``--temp-dir``,
+and teardown ends (by PID) every process that holds a file open under it or carries a marker
+variable that ``ray start`` passes on (GCS, raylets, agents, workers).
+(``ray stop --force`` would end every Ray process of the user on the machine, other runs' too;
+in a CI container that is the same thing, on a shared machine it is not.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from test_build_e2e import _records, _rejected, assert_same_samples  # noqa: F401 (the shared checks)
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "manifests" / "sample.yaml"
+RAY = Path(sys.executable).with_name("ray")
+MARKER = "LOOKANDLEARN_TEST_CLUSTER"
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _temp_dir(tag: str) -> str:
+    return f"/tmp/llray-{tag[:10]}"  # short: Ray's unix socket paths live under it
+
+
+def _marked(tag: str) -> list[int]:
+    """PIDs of this user's processes that belong to the test cluster ``tag``: ``MARKER=tag`` in
+    their environment, or a file open under the cluster's temp dir (Ray's agents get a clean
+    environment but keep their logs open there)."""
+    needle = f"{MARKER}={tag}".encode()
+    root = _temp_dir(tag) + "/"
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+                continue
+            for fd in (entry / "fd").iterdir():
+                try:
+                    if os.readlink(fd).startswith(root):
+                        pids.append(int(entry.name))
+                        break
+                except OSError:
+                    continue
+        except OSError:
+            continue
+    return pids
+
+
+def _stop(tag: str) -> None:
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        pids = _marked(tag)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + wait
+        while time.time() < deadline and _marked(tag):
+            time.sleep(0.2)
+
+
+def _ray_env(tag: str) -> dict:
+    return dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1",
+                TOKENIZERS_PARALLELISM="false", **{MARKER: tag})
+
+
+def _node_args(port_base: int) -> list[str]:
+    # every port explicit: two raylets on one host must not both take the default agent ports
+    return ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=300000000",
+            f"--node-manager-port={port_base}", f"--object-manager-port={port_base + 1}",
+            f"--dashboard-agent-listen-port={port_base + 2}", f"--dashboard-agent-grpc-port={port_base + 3}",
+            f"--runtime-env-agent-port={port_base + 4}", f"--metrics-export-port={port_base + 5}",
+            f"--min-worker-port={port_base + 10}", f"--max-worker-port={port_base + 60}"]
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    if not RAY.exists():
+        pytest.skip(f"no ray command next to {sys.executable}")
+    tag = uuid.uuid4().hex
+    port = _free_port()
+    env = _ray_env(tag)
+    base = 20000 + (port % 20000)  # a port range unlikely to collide with another run's
+    head = [str(RAY), "start", "--head", f"--port={port}", "--include-dashboard=false", "--disable-usage-stats",
+            f"--temp-dir={_temp_dir(tag)}", *_node_args(base)]
+    worker = [str(RAY), "start", f"--address=127.0.0.1:{port}", *_node_args(base + 100)]
+    # `ray start --head` also records the cluster in /tmp/ray/ray_current_cluster, where every later
+    # `ray.init()` without an address would look for a cluster to join: put back what was there
+    current = Path("/tmp/ray/ray_current_cluster")
+    before = current.read_text() if current.exists() else None
+    try:
+        for cmd in (head, worker):
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+            assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+        address = f"127.0.0.1:{port}"
+        probe = ("import ray, time\n"
+                 f"ray.init(address='{address}', logging_level='ERROR')\n"
+                 "deadline = time.time() + 60\n"
+                 "while time.time() < deadline and sum(n['Alive'] for n in ray.nodes()) < 2: time.sleep(0.5)\n"
+                 "print(sum(n['Alive'] for n in ray.nodes()), ray.cluster_resources().get('CPU'))\n")
+        out = subprocess.run([sys.executable, "-c", probe], env=dict(env, **{MARKER: ""}), capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        nodes, cpus = out.stdout.split()[-2:]
+        assert int(nodes) == 2 and float(cpus) == 2.0, out.stdout
+        yield address
+    finally:
+        _stop(tag)
+        shutil.rmtree(_temp_dir(tag), ignore_errors=True)
+        try:
+            if current.exists() and current.read_text().strip().endswith(f":{port}"):
+                if before is None:
+                    current.unlink()
+                else:
+                    current.write_text(before)
+        except OSError:
+            pass
+
+
+def _build(out: Path, overrides: list[str], extra: list[str], env: dict | None = None) -> dict:
+    sets = overrides + extra
+    cmd = [sys.executable, "-m", "pipeline", "build", str(SAMPLE), "--out", str(out), "--no-progress"] + \
+        [x for s in sets for x in ("--set", s)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env=env or dict(os.environ, HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads((out / "stats.json").read_text())
+
+
+def test_build_on_a_two_node_cluster_equals_the_local_build(ray_cluster, sample_manifest_args, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    on_cluster = _build(tmp_path / "cluster", sample_manifest_args,
+                        ["runtime.executor=ray", f"runtime.ray_address={ray_cluster}"], env)
+    assert on_cluster["last_run"]["executor"] == "ray"
+    local = _build(tmp_path / "local", sample_manifest_args, ["runtime.executor=local"])
+    assert on_cluster["samples_out"] == local["samples_out"] > 0
+    # other processes, other batch make-ups: float noise only (see test_build_e2e)
+    assert_same_samples(_records(tmp_path / "cluster"), _records(tmp_path / "local"), exact=False)
+    assert _rejected(tmp_path / "cluster") == _rejected(tmp_path / "local")
