@@ -39,6 +39,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _port_block(avoid: int, size: int = 200) -> int:
+    """Start of ``size`` consecutive ports (head node at +0, second node at +100) below the kernel's
+    ephemeral range, all bindable now and not containing ``avoid`` (the GCS port)."""
+    for start in range(20000 + (avoid % 40) * size, 30000, size):
+        if avoid in range(start, start + size):
+            continue
+        try:
+            for offset in (0, 1, 2, 3, 4, 5, 100, 101, 102, 103, 104, 105):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", start + offset))
+        except OSError:
+            continue
+        return start
+    raise RuntimeError("no free block of ports for the test cluster")
+
+
 def _temp_dir(tag: str) -> str:
     return f"/tmp/llray-{tag[:10]}"  # short: Ray's unix socket paths live under it
 
@@ -105,7 +121,7 @@ def ray_cluster(tmp_path):
     tag = uuid.uuid4().hex
     port = _free_port()
     env = _ray_env(tag)
-    base = 20000 + (port % 20000)  # a port range unlikely to collide with another run's
+    base = _port_block(avoid=port)
     head = [str(RAY), "start", "--head", f"--port={port}", "--include-dashboard=false", "--disable-usage-stats",
             f"--temp-dir={_temp_dir(tag)}", *_node_args(base)]
     worker = [str(RAY), "start", f"--address=127.0.0.1:{port}", *_node_args(base + 100)]
