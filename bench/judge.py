@@ -101,15 +101,9 @@ def run(latency_ms: float, levels: list[int], min_seconds: float) -> dict:
 def machine() -> dict:
     import openai
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2),
+    from pipeline.machine import cpu_name
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2),
             "python": platform.python_version(), "openai": openai.__version__, "os": platform.platform()}
 
 

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from pipeline.machine import cpu_name  # noqa: E402
 BENCH = REPO / "bench"
 RESULTS = BENCH / "results"
 
@@ -40,14 +42,7 @@ GPU_BENCHES = {
 
 def machine() -> dict:
     info = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "platform": platform.platform(),
-            "python": platform.python_version(), "cpu_count": os.cpu_count()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        info["cpu"] = platform.processor() or platform.machine()
+            "python": platform.python_version(), "cpu_count": os.cpu_count(), "cpu": cpu_name()}
     if hasattr(os, "sched_getaffinity"):
         info["usable_cores"] = len(os.sched_getaffinity(0))
     try:

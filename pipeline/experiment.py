@@ -58,7 +58,7 @@ def _examples(work: Path, processor, seed: int, n: int, tag: str, with_questions
     from stages.train.shapes import scene_record, scenes, write_shard
 
     rng = np.random.default_rng(seed + 1000)
-    items, masks, questions = [], [], []
+    items, masks = [], []
     for i, sc in enumerate(scenes(n, seed=seed * 7919 + (0 if tag == "train" else 1))):
         items.append(scene_record(f"{tag}{i:05d}", sc))
         masks.append([o["mask"] for o in sc["objects"]])
@@ -227,15 +227,9 @@ def machine(threads: int | None = None) -> str:
 
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu} ({platform.machine()}), {os.cpu_count()} cores (shared with other work), torch "
+    from pipeline.machine import cpu_name
+
+    return (f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores (shared with other work), torch "
             f"{torch.__version__} with {threads or torch.get_num_threads()} intra-op thread(s), "
             f"{platform.python_implementation()} {platform.python_version()}, {platform.system()}")
 
