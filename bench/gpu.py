@@ -7,7 +7,7 @@ Models: real-size ARCHITECTURES with RANDOM WEIGHTS, built from their configs (n
 downloaded): GroundingDINO tiny (Swin-T + BERT-base) and base (Swin-B + BERT-base), SAM ViT-B and
 ViT-H. The image processors are the models' default ones (GroundingDINO: shortest edge 800, longest
 1333; SAM: longest edge 1024, padded to 1024x1024). The tokenizer is the project's tiny
-bert-layout vocabulary (pipeline/tiny_models.py), so prompts tokenize a little differently from
+bert-layout vocabulary (devkit/tiny_models.py), so prompts tokenize a little differently from
 bert-base-uncased; the text encoder is full size. With random weights the scores mean nothing, so
 both sides keep exactly one box per phrase (4 phrases, 4 boxes, 4 masks per image): the stage with
 thresholds 0 and ``max_boxes_per_phrase=1``, the reference with the top-4 queries. Timings are
@@ -16,7 +16,7 @@ what matters here, never the boxes.
 Inputs: COCO-like images (3 of 4 are 640x480, 1 of 4 is 480x640), synthetic pixels, 4 noun
 phrases each.
 
-* **stage**: ``stages.model_stage.GroundAndSegment`` called on batches of ``--batch`` rows, as the
+* **stage**: ``stages.ground_segment.GroundAndSegment`` called on batches of ``--batch`` rows, as the
   Ray actor calls it, with the images already resized by the CPU half (``PrepareStage``; that
   runs in CPU workers in the pipeline and is timed separately, per CPU core). Output: sample
   records with boxes and COCO-RLE masks. ``bucket`` = the default batching (same input size
@@ -35,7 +35,7 @@ times the RLE step on object-like masks of the same size (random weights predict
 real SAM masks never are), on both sides.
 
 Writes ``--out`` (JSON) and prints a markdown table. Needs torch + transformers (GroundingDINO,
-SAM) + torchvision; pycocotools is used when installed, else the numpy RLE encoder (same strings).
+SAM) + torchvision; the masks are encoded by the record module (stages/record/rle.py, pycocotools).
 """
 from __future__ import annotations
 
@@ -48,7 +48,6 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -120,7 +119,7 @@ def make_batch(images, records, start: int, size: int) -> dict:
 # --- models --------------------------------------------------------------------------------
 
 def tiny_tokenizer_dir() -> Path:
-    from pipeline.tiny_models import write_tiny_models
+    from devkit.tiny_models import write_tiny_models
 
     root = Path(os.environ.get("LOOKANDLEARN_BENCH_CACHE", tempfile.gettempdir())) / "lookandlearn-bench-tiny"
     return Path(write_tiny_models(root)["grounding-dino-tiny-random"]).parent
@@ -161,14 +160,16 @@ def build_models(backbone: str, vit: str, device: torch.device, toy: bool):
 
 
 def make_stage(gdino, gproc, sam, sproc, device, dtype, batch_size: int, sam_batch: int, batching: str):
-    from stages.model_stage import GroundAndSegment, PrepareStage
+    from pipeline.manifest import RuntimeConfig
+    from stages.ground import DetectConfig
+    from stages.ground_segment import GroundAndSegment, PrepareStage
     from stages.prep import ImagePrep
+    from stages.segment import SegmentConfig
 
-    detect = SimpleNamespace(model="random/grounding-dino", revision=None, box_threshold=0.0, text_threshold=0.0,
-                             nms_iou=0.5, max_boxes_per_phrase=1, max_text_tokens=256, batch_size=batch_size,
-                             batching=batching)
-    segment = SimpleNamespace(model="random/sam", revision=None, batch_size=sam_batch)
-    runtime = SimpleNamespace(device=str(device.type), dtype="auto")
+    detect = DetectConfig(model="random/grounding-dino", box_threshold=0.0, text_threshold=0.0, nms_iou=0.5,
+                          max_boxes_per_phrase=1, max_text_tokens=256, batch_size=batch_size, batching=batching)
+    segment = SegmentConfig(model="random/sam", batch_size=sam_batch)
+    runtime = RuntimeConfig(device=str(device.type), dtype="auto")
     stage = GroundAndSegment(detect, segment, runtime)
     prep_stage = PrepareStage(detect, segment, runtime)
     for g in (stage.ground, prep_stage.ground):
@@ -339,7 +340,7 @@ def reference_one(image, prompt_text, k, gdino, gproc, sam, sproc, device, dtype
 
 
 def run_reference(images, records, gdino, gproc, sam, sproc, device, dtype, n: int, tokenizer, max_tokens):
-    from stages.ground import build_prompts, normalize_phrase
+    from stages.phrase_boxes import build_prompts, normalize_phrase
 
     prompts = []
     for r in records[: n + 2]:
@@ -362,6 +363,7 @@ def check_device_matches_cpu(device, n: int = 8) -> dict:
     """Tiny models, float32 on both: the stage on ``device`` (pinned memory, non-blocking copies,
     batched decoding) against the same stage on the CPU, same inputs."""
     from stages import record as rec
+    from stages.record import rle
 
     images, records = make_rows(n)
     out = {}
@@ -377,38 +379,12 @@ def check_device_matches_cpu(device, n: int = 8) -> dict:
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags
     boxes = ious = 0
     worst_box, worst_iou = 0.0, 1.0
-    from stages.segment import _encode_masks_numpy  # noqa: F401  (decode below is numpy only)
-
-    def decode(rle):
-        h, w = rle["size"]
-        counts, s, vals, i = [], rle["counts"], [], 0
-        while i < len(s):  # COCO string -> run lengths
-            x, k, more = 0, 0, True
-            while more:
-                c = ord(s[i]) - 48
-                x |= (c & 0x1F) << (5 * k)
-                more = bool(c & 0x20)
-                i += 1
-                k += 1
-                if not more and (c & 0x10):
-                    x |= -1 << (5 * k)
-            if len(counts) > 2:
-                x += counts[-2]
-            counts.append(x)
-        flat = np.zeros(h * w, bool)
-        pos, val = 0, False
-        for c in counts:
-            flat[pos:pos + c] = val
-            pos += c
-            val = not val
-        return flat.reshape((w, h)).T
-
     for a, b in zip(out["cpu"], out[device.type]):
         assert len(a["regions"]) == len(b["regions"]), (a["key"], len(a["regions"]), len(b["regions"]))
         for ra, rb in zip(a["regions"], b["regions"]):
             boxes += 1
             worst_box = max(worst_box, float(np.abs(np.subtract(ra["box_xyxy"], rb["box_xyxy"])).max()))
-            ma, mb = decode(ra["mask_rle"]), decode(rb["mask_rle"])
+            ma, mb = rle.decode(ra["mask_rle"]), rle.decode(rb["mask_rle"])
             union = np.logical_or(ma, mb).sum()
             iou = np.logical_and(ma, mb).sum() / union if union else 1.0
             ious += 1
@@ -452,12 +428,7 @@ def machine(device) -> dict:
         info["torchvision"] = torchvision.__version__
     except ImportError:
         info["torchvision"] = None
-    try:
-        import pycocotools  # noqa: F401
-
-        info["rle_encoder"] = "pycocotools"
-    except ImportError:
-        info["rle_encoder"] = "numpy fallback (pycocotools not installed)"
+    info["rle_encoder"] = "pycocotools"  # stages/record/rle.py
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         info.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
@@ -561,7 +532,7 @@ def main(argv=None) -> int:
             print(f"[{name}] built {desc} in {entry['build_seconds']}s", flush=True)
             stage, prep_stage = make_stage(gdino, gproc, sam, sproc, device, dtype, args.det_batch, args.sam_batch,
                                            "bucket")
-            from stages.ground import build_prompts, normalize_phrase
+            from stages.phrase_boxes import build_prompts, normalize_phrase
             keys = [normalize_phrase(e["phrase"]) for e in records[0]["entities"]]
             prompt = build_prompts(keys, gproc.tokenizer, stage.ground.max_tokens)[0].text
             entry["gflops_per_image"] = count_flops(

@@ -4,7 +4,7 @@ The judge keeps ``concurrency`` requests in flight on one asyncio loop, so with 
 answers every request after ``latency`` seconds, requests per second should approach
 ``concurrency / latency`` until the client's own CPU cost per request (building the prompt,
 the ``openai`` client, HTTP, validating the reply) becomes the limit. The server runs as a
-separate process (``python -m pipeline.fake_judge_server``) so it does not share the judge's
+separate process (``python -m devkit.fake_judge_server``) so it does not share the judge's
 interpreter; only ``OpenAIJudge.judge_many`` is timed (one request per sample, two entities and
 four candidates each, every sample a new question: no cache hits).
 
@@ -50,7 +50,7 @@ def _records(n: int, tag: str) -> list[dict]:
 
 
 def _start_server(latency_ms: float) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.fake_judge_server", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "devkit.fake_judge_server", "--port", "0",
                              "--latency-ms", str(latency_ms), "--max-seconds", "900"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()  # "fake judge server on http://127.0.0.1:PORT/v1 ..."
@@ -59,10 +59,9 @@ def _start_server(latency_ms: float) -> tuple[subprocess.Popen, str]:
 
 
 def run(latency_ms: float, levels: list[int], min_seconds: float) -> dict:
-    from pipeline.manifest import AdjudicateConfig
-    from stages.judge_stats import merge_judge_stats, shard_judge_stats
-    from stages.adjudicate import finalize
-    from stages.llm_judge import OpenAIJudge
+    from stages.adjudicate import AdjudicateConfig, finalize
+    from stages.judges.llm import OpenAIJudge
+    from stages.judges.stats import merge_judge_stats, shard_judge_stats
 
     os.environ.setdefault("LOOKANDLEARN_BENCH_KEY", "bench-not-a-secret")
     proc, url = _start_server(latency_ms)

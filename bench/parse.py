@@ -86,8 +86,9 @@ def bench(n: int, rows_per_batch: int, repeats: int) -> dict:
     """Bare ``nlp.pipe`` against the stage fed ``parse.batch_size`` rows per call (the same spaCy
     batches: the stage's own overhead, the headline ratio) and ``rows_per_batch`` rows per call
     (the pipeline's default ``runtime.cpu_batch_size``: each call is one smaller spaCy batch)."""
-    from pipeline.manifest import ParseConfig
-    from stages.parse import ParseStage, parser_version
+    from stages.parse import ParseConfig
+    from stages.parse import ParseStage
+    from stages.phrases import parser_version
 
     cfg = ParseConfig()
     stage = ParseStage(cfg)

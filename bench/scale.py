@@ -3,9 +3,9 @@
 Each run is pinned to as many cores as Ray is given CPUs (``sched_setaffinity``: Ray's logical
 CPUs made physical), with one ground+segment actor per CPU (``runtime.model_workers``).
 
-Inputs: the bundled offline sample (pipeline/sample_data.py: ~30 inputs, broken ones included)
+Inputs: the bundled offline sample (devkit/sample_data.py: ~30 inputs, broken ones included)
 replicated ``--copies`` times with distinct ids, through the tiny RANDOM models
-(pipeline/tiny_models.py), rules judge, real writer: the full ``lookandlearn build`` CLI, one fresh
+(devkit/tiny_models.py), rules judge, real writer: the full ``lookandlearn build`` CLI, one fresh
 process (and embedded Ray) per run. Reported: the build's own wall time (``stats.json``
 ``last_run``: planning, Ray start, every stage, writing) and samples/s; speed-up = time(1 CPU) /
 time(2 CPUs); target >= 1.7. The fixed start-up (Ray, spaCy and the models loaded in each
@@ -36,7 +36,7 @@ TARGET = 1.7
 
 def make_inputs(folder: Path, copies: int) -> Path:
     """The sample's captions.jsonl replicated ``copies`` times with distinct ids (same images)."""
-    from pipeline.sample_data import write_sample_data
+    from devkit.sample_data import write_sample_data
 
     jsonl = Path(write_sample_data(folder))
     lines = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
@@ -81,13 +81,9 @@ def run_build(out: Path, jsonl: Path, models: dict, cpus: int, per_shard: int, b
 
 
 def sample_keys(out: Path) -> list[str]:
-    import tarfile
+    from stages.record import shards
 
-    keys = []
-    for tar in sorted((out / "shards").glob("*.tar")):
-        with tarfile.open(tar) as t:
-            keys += [m.name[:-5] for m in t.getmembers() if m.name.endswith(".json")]
-    return sorted(keys)
+    return sorted(key for key, _ in shards.iter_samples(shards.shard_paths(out), images=False))
 
 
 def main(argv=None) -> int:
@@ -97,7 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16, help="runtime.cpu_batch_size")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scale.json"))
     args = ap.parse_args(argv)
-    from pipeline.tiny_models import write_tiny_models
+    from devkit.tiny_models import write_tiny_models
 
     tmp = Path(tempfile.mkdtemp(prefix="lookandlearn-scale-"))
     try:

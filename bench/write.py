@@ -56,10 +56,9 @@ def _mask(h: int, w: int, box, rng) -> np.ndarray:
 
 def make_rows(n: int, seed: int = 0) -> list[dict]:
     """``n`` rows as the adjudicate stage hands them to the writer."""
-    from pipeline.manifest import AdjudicateConfig
     from stages import record as rec
-    from stages.adjudicate import AdjudicateStage
-    from stages.segment import encode_masks
+    from stages.adjudicate import AdjudicateConfig, AdjudicateStage
+    from stages.record.rle import encode as encode_masks
 
     rng = np.random.default_rng(seed)
     jpegs = _jpegs()

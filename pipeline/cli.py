@@ -1,7 +1,9 @@
 """``lookandlearn`` command line (also ``python -m pipeline``).
 
-Exit codes (DESIGN.md): 0 success, 1 run failed, 2 bad manifest or arguments (the message
-names the field).
+Exit codes: 0 success, 1 run failed, 2 bad manifest or arguments (the message
+names the field). One handler per command (``_COMMANDS``), all run through one error wrapper
+(:func:`_run`). The developer tools (``devkit``: tiny-models, sample-data, experiment, train's
+``model.tiny_if_missing``) are imported lazily inside those handlers only; a production run never loads them.
 """
 from __future__ import annotations
 
@@ -11,6 +13,16 @@ import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class BadArguments(ValueError):
+    """Arguments a handler rejects after parsing (exit 2, the message as is)."""
+
+
+def _version() -> str:
+    from pipeline import __version__
+
+    return __version__
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,6 +35,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lookandlearn", description="Look&Learn pseudo-grounding data engine")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     build = sub.add_parser("build", help="build a dataset from a manifest (resumes an interrupted build)")
@@ -107,109 +120,89 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from pipeline.manifest import ManifestError
+    name = " ".join(filter(None, (args.command, getattr(args, f"{args.command}_command", None))))
+    return _run(name, _COMMANDS[name], args)
 
+
+# Errors that mean "bad manifest, arguments or inputs" (exit 2), by module and class name. An instance
+# can exist only once its module is imported, so they are looked up in sys.modules instead of imported
+# here (pipeline.inspect pulls in pandas; a failing import must not hide the real error).
+_BAD_INPUT_ERRORS = (("pipeline.manifest", "ManifestError"), ("stages.models", "ModelUnavailableError"),
+                     ("stages.record.shards", "NotAnOutputError"), ("pipeline.publish", "PublishError"),
+                     ("pipeline.evaluate_judge", "LabelError"))
+
+
+def _bad_input(name: str, exc: Exception) -> bool:
+    if isinstance(exc, (BadArguments, *_ALSO_BAD_INPUT.get(name, ()))):
+        return True
+    for module, cls in _BAD_INPUT_ERRORS:
+        error = getattr(sys.modules.get(module), cls, None)
+        if isinstance(error, type) and isinstance(exc, error):
+            return True
+    return False
+
+
+def _run(name: str, handler, args) -> int:
+    """Run one command's handler: a known bad-input error is exit 2 with its message, any other
+    error exit 1 with one line (``NAME failed: Type: message``; the traceback at -v). Messages never
+    show a Hub token."""
     try:
-        if args.command == "build":
-            return _build(args)
-        if args.command == "tiny-models":
-            from pipeline.tiny_models import write_tiny_models
-
-            for name, path in write_tiny_models(Path(args.dir)).items():
-                print(f"{name}: {path}")
-            return EXIT_OK
-        if args.command == "sample-data":
-            from pipeline.sample_data import write_sample_data
-
-            print(write_sample_data(Path(args.dir)))
-            return EXIT_OK
-        if args.command == "inspect":
-            return _inspect(args)
-        if args.command == "publish":
-            return _publish(args)
-        if args.command == "train":
-            return _train(args)
-        if args.command == "experiment":
-            return _experiment(args)
-        if args.command == "evaluate":
-            return _EVALUATE[args.evaluate_command](args)
-    except ManifestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return EXIT_BAD_INPUT
-
-
-def _evaluate_judge(args) -> int:
-    import json
-
-    from pipeline.evaluate_judge import LabelError, evaluate_judge, format_table, read_labels
-
-    try:
-        labels = read_labels(args.labels)
-        results = [evaluate_judge(out, labels) for out in args.out]
-    except LabelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if args.json == "-":
-        print(json.dumps(results, indent=2))
-        return EXIT_OK
-    print(format_table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    return EXIT_OK
-
-
-def _evaluate_grounding(args) -> int:
-    from pipeline.evaluate_grounding import main as grounding_main
-
-    return grounding_main(args)
-
-
-def _train(args) -> int:
-    import json
-
-    from pipeline.train import load_train_manifest, run_train
-    from stages.models import ModelUnavailableError
-
-    manifest = load_train_manifest(args.manifest, args.overrides)
-    try:
-        summary = run_train(manifest)
-    except ModelUnavailableError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Exception as exc:  # noqa: BLE001 — the run failed; say why in one line, details at -v
-        logging.getLogger("lookandlearn").debug("train failed", exc_info=True)
-        print(f"error: train failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return handler(args)
+    except Exception as exc:  # noqa: BLE001 — say why in one line, details at -v
+        if _bad_input(name, exc):
+            print(f"error: {_no_secrets(str(exc))}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        logging.getLogger("lookandlearn").debug("%s failed", name, exc_info=True)
+        print(f"error: {name} failed: {type(exc).__name__}: {_no_secrets(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
-    print(json.dumps(summary, indent=2, default=str))
+
+
+def _no_secrets(text: str) -> str:
+    """Hide anything that looks like a Hub token in an error message."""
+    import os
+    import re
+
+    text = re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    return text.replace(token, "***") if token else text
+
+
+def _build(args) -> int:
+    from pipeline.manifest import load_manifest
+    from pipeline.runner import build
+
+    manifest = load_manifest(args.manifest, args.overrides, out=args.out)
+    stats = build(manifest, progress=not args.no_progress)
+    run = stats.get("last_run", {})
+    print(f"wrote {stats['samples_out']} samples in {stats['shards']} shards to {manifest.output.path} "
+          f"({stats['samples_rejected']} inputs rejected; {run.get('samples_per_second')} samples/s this run)")
     return EXIT_OK
 
 
-def _experiment(args) -> int:
-    from pipeline.experiment import run_shapes_cli
+def _tiny_models(args) -> int:
+    from devkit.tiny_models import write_tiny_models
 
-    return run_shapes_cli(args)
+    for name, path in write_tiny_models(Path(args.dir)).items():
+        print(f"{name}: {path}")
+    return EXIT_OK
 
 
-# evaluate sub-commands: name -> handler(args)
-_EVALUATE = {"judge": _evaluate_judge, "grounding": _evaluate_grounding}
+def _sample_data(args) -> int:
+    from devkit.sample_data import write_sample_data
+
+    print(write_sample_data(Path(args.dir)))
+    return EXIT_OK
 
 
 def _inspect(args) -> int:
     import json
 
-    from pipeline.inspect import NotAnOutputError, analyze, render
+    from pipeline.inspect import analyze, render
 
     for name in ("top", "worst", "max_samples", "per_page"):
         if getattr(args, name) < (0 if name in ("top", "worst") else 1):
-            print(f"error: --{name.replace('_', '-')} must be {'>= 0' if name in ('top', 'worst') else '>= 1'}",
-                  file=sys.stderr)
-            return EXIT_BAD_INPUT
-    try:
-        report = analyze(args.out, top=args.top, worst=args.worst)
-    except NotAnOutputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+            raise BadArguments(f"--{name.replace('_', '-')} must be {'>= 0' if name in ('top', 'worst') else '>= 1'}")
+    report = analyze(args.out, top=args.top, worst=args.worst)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -229,49 +222,67 @@ def _inspect(args) -> int:
 
 
 def _publish(args) -> int:
-    from pipeline.publish import PublishError, run
+    from pipeline.publish import run
 
-    try:
-        return run(args.out, repo=args.repo, to=args.to, private=args.private, dry_run=args.dry_run,
-                   exclude=args.exclude, revision=args.revision, message=args.message)
-    except PublishError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Exception as exc:  # noqa: BLE001 — network/auth/storage failure: one line, details at -v
-        logging.getLogger("lookandlearn").debug("publish failed", exc_info=True)
-        print(f"error: publish failed: {type(exc).__name__}: {_no_secrets(str(exc))}", file=sys.stderr)
-        return EXIT_FAILED
+    return run(args.out, repo=args.repo, to=args.to, private=args.private, dry_run=args.dry_run,
+               exclude=args.exclude, revision=args.revision, message=args.message)
 
 
-def _no_secrets(text: str) -> str:
-    """Hide anything that looks like a Hub token in an error message."""
-    import os
-    import re
+def _train(args) -> int:
+    import json
 
-    text = re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    return text.replace(token, "***") if token else text
+    from pipeline.train import load_train_manifest, run_train
 
+    manifest = load_train_manifest(args.manifest, args.overrides)
+    model = manifest.model
+    if model.tiny_if_missing and not (Path(model.path) / "config.json").is_file():
+        from devkit.tiny_vlms import write_tiny_vlm  # the offline sample's stand-in model
 
-def _build(args) -> int:
-    from pipeline.manifest import load_manifest
-    from pipeline.runner import build
-    from stages.models import ModelUnavailableError
-
-    manifest = load_manifest(args.manifest, args.overrides, out=args.out)
-    try:
-        stats = build(manifest, progress=not args.no_progress)
-    except ModelUnavailableError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except NotImplementedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Exception as exc:  # noqa: BLE001 — the run failed; say why in one line, details at -v
-        logging.getLogger("lookandlearn").debug("build failed", exc_info=True)
-        print(f"error: build failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    run = stats.get("last_run", {})
-    print(f"wrote {stats['samples_out']} samples in {stats['shards']} shards to {manifest.output.path} "
-          f"({stats['samples_rejected']} inputs rejected; {run.get('samples_per_second')} samples/s this run)")
+        write_tiny_vlm(Path(model.path), model.tiny_if_missing)
+    summary = run_train(manifest)
+    print(json.dumps(summary, indent=2, default=str))
     return EXIT_OK
+
+
+def _experiment_shapes(args) -> int:
+    from devkit.experiments.shapes import run_shapes_cli
+
+    return run_shapes_cli(args)
+
+
+def _evaluate_judge(args) -> int:
+    import json
+
+    from pipeline.evaluate_judge import evaluate_judge, format_table, read_labels
+
+    labels = read_labels(args.labels)
+    results = [evaluate_judge(out, labels) for out in args.out]
+    if args.json == "-":
+        print(json.dumps(results, indent=2))
+        return EXIT_OK
+    print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return EXIT_OK
+
+
+def _evaluate_grounding(args) -> int:
+    from pipeline.evaluate_grounding import main as grounding_main
+
+    return grounding_main(args)
+
+
+# command (with its sub-command) -> handler(args) -> exit code
+_COMMANDS = {
+    "build": _build,
+    "tiny-models": _tiny_models,
+    "sample-data": _sample_data,
+    "inspect": _inspect,
+    "publish": _publish,
+    "train": _train,
+    "experiment shapes": _experiment_shapes,
+    "evaluate judge": _evaluate_judge,
+    "evaluate grounding": _evaluate_grounding,
+}
+# further exit-2 errors of one command: a build asking for a judge or feature that is not available
+_ALSO_BAD_INPUT: dict[str, tuple[type[Exception], ...]] = {"build": (NotImplementedError,)}

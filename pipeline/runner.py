@@ -1,9 +1,10 @@
 """The build: list inputs → plan shards → run the stages → write complete shards.
 
-Stages are plain objects (``setup()`` + ``__call__(batch)``). This module is the only place
-that knows about Ray: ``executor: ray`` turns the stages into a Ray Data plan (CPU stages as
-tasks, ground+segment as an actor pool, one model copy per actor), ``executor: local`` runs
-the very same objects in a loop in this process (tests, debugging).
+The stages are one declared list (:func:`build_stages`; each a ``stages.base.Stage`` with its
+``resources``). This module is the only place that knows about Ray: ``executor: ray`` turns the
+list into a Ray Data plan (``cpu`` stages as tasks, ``model`` stages as an actor pool with one
+model copy per actor, ``io`` stages as actors that reserve no CPU), ``executor: local`` runs the
+very same list in a loop in this process (tests, debugging).
 
 Resume: the input list and its split into shards are fixed by the manifest, so shard N always
 holds the same samples. A shard whose files are all in place is skipped; any other shard is
@@ -25,52 +26,32 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.manifest import Manifest, ManifestError, manifest_to_dict
+from stages.adjudicate import AdjudicateStage
+from stages.base import Stage, run_stages
+from stages.ground_segment import GroundAndSegment, PrepareStage
+from stages.parse import ParseStage
+from stages.read import ReadStage
 from stages.record import rows as batch_rows
 
 log = logging.getLogger("lookandlearn")
 
-STAGE_ORDER = ("read", "parse", "ground_segment", "adjudicate")
 # Fields that decide which samples land in which shard: a rerun into the same folder with
 # different values would mix two builds, so it is refused.
 _LAYOUT_FIELDS = ("name", "input", "output.samples_per_shard")
+_MB = 1024 * 1024
 
 
-def make_stage(name: str, manifest: Manifest):
-    if name == "read":
-        from pipeline.sources import ReadStage
-        return ReadStage(manifest.image)
-    if name == "parse":
-        from stages.parse import ParseStage
-        return ParseStage(manifest.parse)
-    if name == "prepare":
-        from stages.model_stage import PrepareStage
-        return PrepareStage(manifest.detect, manifest.segment, manifest.runtime)
-    if name == "ground_segment":
-        from stages.model_stage import GroundAndSegment
-        return GroundAndSegment(manifest.detect, manifest.segment, manifest.runtime)
-    if name == "adjudicate":
-        from stages.adjudicate import AdjudicateStage
+def build_stages(manifest: Manifest) -> list[Stage]:
+    """The stages of a build, in order. The local loop and the Ray plan both run exactly this
+    list; where each stage runs is read from its declared ``resources``, nothing else."""
+    return [
+        ReadStage(manifest.image),
+        ParseStage(manifest.parse),
+        PrepareStage(manifest.detect, manifest.segment, manifest.runtime),
+        GroundAndSegment(manifest.detect, manifest.segment, manifest.runtime),
         # the output folder: the LLM judge reuses the answers in its logs (absolute: Ray workers)
-        return AdjudicateStage(manifest.adjudicate, out_dir=str(Path(manifest.output.path).resolve()))
-    raise KeyError(name)
-
-
-def run_timed(name: str, stage, batch: dict) -> dict:
-    """Call a stage and add its wall time, shared equally, to each row's ``times``."""
-    started = time.perf_counter()
-    out = stage(batch)
-    n = len(out["seq"])
-    share = (time.perf_counter() - started) / max(n, 1)
-    times = list(out.get("times") if "times" in out else ["{}"] * n)
-    for i in range(n):
-        t = json.loads(times[i] or "{}")
-        t[name] = t.get(name, 0.0) + share
-        times[i] = json.dumps(t)
-    out = dict(out)
-    out["times"] = times
-    if name == "ground_segment":
-        out.pop("pixels", None)  # decoded pixels are not needed downstream; free the memory
-    return out
+        AdjudicateStage(manifest.adjudicate, out_dir=str(Path(manifest.output.path).resolve())),
+    ]
 
 
 # --- Ray wrappers: one stage object per worker process, built on first use ----------------
@@ -78,42 +59,37 @@ def run_timed(name: str, stage, batch: dict) -> dict:
 _WORKER_STAGES: dict = {}
 
 
-def _ray_cpu_stage(batch: dict, name: str, manifest_json: str) -> dict:
-    stage = _WORKER_STAGES.get((name, manifest_json))
+def _worker_stage(index: int, manifest_json: str) -> Stage:
+    stage = _WORKER_STAGES.get((index, manifest_json))
     if stage is None:
-        stage = make_stage(name, Manifest.model_validate_json(manifest_json))
+        stage = build_stages(Manifest.model_validate_json(manifest_json))[index]
         stage.setup()
-        _WORKER_STAGES[(name, manifest_json)] = stage
-    return run_timed(name, stage, batch)
+        _WORKER_STAGES[(index, manifest_json)] = stage
+    return stage
 
 
-def _named_cpu_stage(name: str, manifest_json: str):
+def _cpu_task(index: int, name: str, manifest_json: str):
     """A Ray task function called ``name`` so that progress lines read MapBatches(parse)."""
     def fn(batch: dict) -> dict:
-        return _ray_cpu_stage(batch, name, manifest_json)
+        return _worker_stage(index, manifest_json)(batch)
 
     fn.__name__ = fn.__qualname__ = name
     return fn
 
 
-class GroundSegmentActor:
-    def __init__(self, manifest_json: str):
-        self.stage = make_stage("ground_segment", Manifest.model_validate_json(manifest_json))
-        self.stage.setup()
+class _StageActor:
+    """A stage in a Ray actor: built and set up once (the model loads when the actor starts)."""
+
+    def __init__(self, index: int, manifest_json: str):
+        self.stage = _worker_stage(index, manifest_json)
 
     def __call__(self, batch: dict) -> dict:
-        return run_timed("ground_segment", self.stage, batch)
+        return self.stage(batch)
 
 
-class JudgeActor:
-    """The LLM judge (judge: openai): I/O-bound, many requests in flight on one event loop."""
-
-    def __init__(self, manifest_json: str):
-        self.stage = make_stage("adjudicate", Manifest.model_validate_json(manifest_json))
-        self.stage.setup()
-
-    def __call__(self, batch: dict) -> dict:
-        return run_timed("adjudicate", self.stage, batch)
+def _actor_class(name: str) -> type:
+    """A :class:`_StageActor` subclass named after the stage, for Ray's progress lines."""
+    return type("".join(part.title() for part in name.split("_")) + "Actor", (_StageActor,), {})
 
 
 # --- planning ------------------------------------------------------------------------------
@@ -173,16 +149,13 @@ def _input_rows(items: list[dict]) -> list[dict]:
 # --- executors -----------------------------------------------------------------------------
 
 def _execute_local(manifest: Manifest, rows: list[dict]):
-    stages = [(name, make_stage(name, manifest)) for name in STAGE_ORDER]
-    for _, stage in stages:
+    stages = build_stages(manifest)
+    for stage in stages:
         stage.setup()
     size = manifest.runtime.cpu_batch_size
     for start in range(0, len(rows), size):
         chunk = rows[start:start + size]
-        batch = {k: [r[k] for r in chunk] for k in chunk[0]}
-        for name, stage in stages:
-            batch = run_timed(name, stage, batch)
-        yield batch
+        yield run_stages(stages, {k: [r[k] for r in chunk] for k in chunk[0]})
 
 
 def _execute_ray(manifest: Manifest, rows: list[dict]):
@@ -199,41 +172,38 @@ def _execute_ray(manifest: Manifest, rows: list[dict]):
             kwargs["address"] = runtime.ray_address
         else:
             kwargs["num_cpus"] = runtime.num_cpus or os.cpu_count()
-            kwargs["object_store_memory"] = runtime.object_store_memory_mb * 1024 * 1024
+            kwargs["object_store_memory"] = runtime.object_store_memory_mb * _MB
         ray.init(**kwargs)
         started_here = True
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # shards complete in order
         manifest_json = manifest.model_dump_json()
-        size = runtime.cpu_batch_size
         gpus = ray.cluster_resources().get("GPU", 0)
         cpus = ray.cluster_resources().get("CPU", 1)
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // size))
-        # prepare: CPU workers resize the images for the models (uint8), so the GPU actor only
-        # copies, normalises and runs them (stages/prep.py)
-        for name in ("read", "parse", "prepare"):
-            ds = ds.map_batches(_named_cpu_stage(name, manifest_json), batch_size=size, batch_format="numpy", num_cpus=1)
         use_gpu = gpus >= 1 and runtime.device != "cpu"
-        model_args = {"num_gpus": 1 / runtime.actors_per_gpu} if use_gpu else {}
-        # A distinct resource request also keeps Ray from fusing the CPU tasks into the actor.
-        model_args["memory"] = runtime.model_memory_mb * 1024 * 1024
-        # One CPU per actor, but never all of them: actors that held every CPU would leave none
-        # for the CPU stages and the plan would wait forever (a 1-CPU cluster, or as many
-        # actors as CPUs on a CPU-only run); then the actors share the CPUs with the tasks.
-        actor_cpus = min(1.0, max(cpus - 1, 0) / runtime.model_workers)
-        ds = ds.map_batches(
-            GroundSegmentActor, fn_constructor_kwargs={"manifest_json": manifest_json},
-            batch_size=size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=runtime.model_workers), num_cpus=actor_cpus, **model_args)
-        if manifest.adjudicate.judge == "openai":
-            # waits on the network, not the CPU: no CPU reserved, so it never starves the CPU stages
-            ds = ds.map_batches(
-                JudgeActor, fn_constructor_kwargs={"manifest_json": manifest_json},
-                batch_size=max(size, manifest.adjudicate.batch_size), batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=manifest.adjudicate.workers), num_cpus=0)
-        else:
-            ds = ds.map_batches(_named_cpu_stage("adjudicate", manifest_json), batch_size=size, batch_format="numpy", num_cpus=1)
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // runtime.cpu_batch_size))
+        for index, stage in enumerate(build_stages(manifest)):
+            res = stage.resources
+            size = res.batch_size or runtime.cpu_batch_size
+            common = {"batch_size": size, "batch_format": "numpy"}
+            if res.kind == "cpu":
+                ds = ds.map_batches(_cpu_task(index, stage.name, manifest_json), num_cpus=1, **common)
+                continue
+            actor = {"fn_constructor_kwargs": {"index": index, "manifest_json": manifest_json},
+                     "compute": ray.data.ActorPoolStrategy(size=res.workers)}
+            if res.kind == "io":
+                # waits on the network, not the CPU: no CPU reserved, so it never starves the CPU stages
+                ds = ds.map_batches(_actor_class(stage.name), num_cpus=0, **actor, **common)
+                continue
+            extra = {"num_gpus": res.gpus} if use_gpu and res.gpus else {}
+            # A distinct resource request also keeps Ray from fusing the CPU tasks into the actor.
+            extra["memory"] = res.memory_mb * _MB
+            # One CPU per actor, but never all of them: actors that held every CPU would leave none
+            # for the CPU stages and the plan would wait forever (a 1-CPU cluster, or as many
+            # actors as CPUs on a CPU-only run); then the actors share the CPUs with the tasks.
+            actor_cpus = min(1.0, max(cpus - 1, 0) / res.workers)
+            ds = ds.map_batches(_actor_class(stage.name), num_cpus=actor_cpus, **extra, **actor, **common)
         yield from ds.iter_batches(batch_size=None, batch_format="numpy")
     finally:
         if started_here:
@@ -253,7 +223,7 @@ def build(manifest: Manifest, progress: bool = True) -> dict:
     writer = ShardWriter(out, manifest.name)
     extra = {"pipeline": __version__}
     if manifest.adjudicate.judge == "openai":
-        from stages.llm_judge import load_prompt
+        from stages.judges.prompt import load_prompt
 
         prompt = load_prompt(manifest.adjudicate.prompt)
         extra.update(judge_model=manifest.adjudicate.model, judge_prompt=prompt.name, judge_prompt_hash=prompt.hash)

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.manifest import Manifest, manifest_to_dict
-from stages.judge_stats import merge_judge_stats
+from stages.judges.stats import merge_judge_stats
 
 
 def aggregate_stats(out_dir: Path, run: dict | None = None) -> dict:
@@ -47,7 +47,7 @@ def aggregate_stats(out_dir: Path, run: dict | None = None) -> dict:
         },
         **{k: dict(sorted(v.items())) for k, v in by_key.items() if k != "stage_seconds"},
         "stage_seconds": {k: round(v, 3) for k, v in by_key["stage_seconds"].items()},
-        # requests, retries, errors by kind, tokens, latency p50/p95, who decided (stages/judge_stats.py)
+        # requests, retries, errors by kind, tokens, latency p50/p95, who decided (stages/judges/stats.py)
         "judge": merge_judge_stats(judge_shards),
     }
     if run:
@@ -110,6 +110,14 @@ noun phrase of each caption is tied to segmentation masks of the image regions i
 - `index/*.parquet`: one row per sample; `logs/*.parquet`: every judge decision;
   `rejected/*.parquet`: inputs that could not be used, with the reason.
 - `stats.json` (totals; `stats/*.json` per shard) and `manifest.resolved.yaml` (the manifest as run).
+
+## Sample schema
+`{{key}}.json`: `key`; `source` (`dataset`, `id`); `image` (`width`, `height`, `sha256`); `text`
+(`caption`, or `conversations`); `entities[]` (`id`, `phrase`, `start`/`end` character offsets into
+the caption or into turn `turn`, `root`, `plural`, `expression`, `status` = grounded | rejected |
+ungrounded | skipped, `regions` = accepted region ids, `reason`); `regions[]` (`id`, `entity`,
+`box_xyxy` in pixels, `det_score`, `mask_rle` COCO RLE at the stored size, `mask_score`, `area`,
+`verdict`); `provenance`. Every field is described in `docs/schema.md` of Look&Learn `{version}`.
 
 ## Load
 The `configs` entry in this card's header points `load_dataset` at the shards:

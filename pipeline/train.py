@@ -25,7 +25,8 @@ class ModelSection(_S):
     path: str  # hub id or local folder
     revision: str | None = None
     family: Literal["auto", "llava", "llava_next", "qwen2_vl"] = "auto"
-    # write a tiny random model of this family at `path` when it is missing (offline sample only)
+    # write a tiny random model of this family at `path` when it is missing (offline sample only;
+    # `lookandlearn train` writes it with devkit.tiny_vlms before loading)
     tiny_if_missing: Literal["llava", "llava_next", "qwen2_vl"] | None = None
 
 
@@ -99,11 +100,6 @@ def load_model_and_processor(section: ModelSection, dtype=None):
 
     from stages.train.geometry import family_of
 
-    p = Path(section.path)
-    if section.tiny_if_missing and not (p / "config.json").is_file():
-        from pipeline.tiny_vlms import write_tiny_vlm
-
-        write_tiny_vlm(p, section.tiny_if_missing)
     try:
         processor = AutoProcessor.from_pretrained(section.path, revision=section.revision)
         model = AutoModelForImageTextToText.from_pretrained(section.path, revision=section.revision,
@@ -124,7 +120,8 @@ def run_train(m: TrainManifest) -> dict:
     from transformers.trainer_utils import get_last_checkpoint
 
     from stages.train.attention import AttentionCapture
-    from stages.train.data import Collator, DataConfig, ShardDataset, shard_paths
+    from stages.record.shards import shard_paths
+    from stages.train.data import Collator, DataConfig, ShardDataset
     from stages.train.trainer import WTLTrainer
 
     torch.manual_seed(m.train.seed)

@@ -1,4 +1,6 @@
-"""Pipeline stages: plain Python classes with ``setup()`` and ``__call__(batch) -> batch``.
+"""Pipeline stages: each a ``stages.base.Stage`` (name, declared resources, ``setup()``, one batch
+method) with its pydantic config beside it, plus the judges and the record module.
 
-Every stage runs without Ray; the runner in ``pipeline/`` wraps them for Ray Data.
+Every stage runs without Ray; ``pipeline/runner.py`` runs the same list locally or as a Ray Data
+plan. Nothing here imports ``pipeline/`` (docs/architecture.md).
 """

@@ -1,193 +1,119 @@
 """adjudicate: accept or reject every candidate region of every entity, with a reason.
 
 The stage owns the bookkeeping (entity statuses, accepted-region lists, adjudication log
-rows); *who* decides is a :class:`Judge`. The rules judge below is deterministic and needs
-no model; the LLM judge (``stages/llm_judge.py``) implements the same protocol and answers a
-whole batch at once (``judge_many``: one request per sample, many in flight).
+rows); *who* decides is a judge (``stages/judges/``): the deterministic rules judge, or the LLM
+judge, which answers a whole batch at once (``judge_many``: one request per sample, many in
+flight). :class:`AdjudicateConfig` is the ``adjudicate:`` section of a manifest.
 """
 from __future__ import annotations
 
 import json
 import time
-from typing import Protocol
+from typing import Literal
 
-from pycocotools import mask as mask_utils
+from pydantic import Field, field_validator
 
-from stages.record import ROW_OK, dumps, entity_text, loads
-
-RULES_VERSION = "rules.v1"
-
-
-class Judge(Protocol):
-    """Decides every candidate region of one sample.
-
-    ``judge(record)`` returns ``{region_id: verdict}`` for every region in
-    ``record["regions"]``, each verdict ``{"accept": bool, "reason": str, "judge": str,
-    "prompt": str}``, plus optional log fields (``decided_by``, ``raw``, ``latency_ms``,
-    ``tokens``, ``error``, ... see :data:`LOG_FIELDS`) that go to the adjudication log but not
-    into the shard. A verdict with ``"visual": False`` says the judge found the phrase not
-    visual at all.
-
-    ``judge_many(records, images)`` (optional) decides a whole batch at once (``images``: the
-    stored image bytes of each record); the stage calls it once per batch when the judge has
-    it (see :func:`judge_batch`).
-    """
-
-    name: str
-
-    def setup(self) -> None: ...
-
-    def judge(self, record: dict) -> dict[int, dict]: ...
+from stages.config import StageConfig
+from stages.judges import Judge, judge_batch, make_judge
+from stages.judges.prompt import load_prompt
+from stages.base import Resources, Row, Stage
+from stages.record import entity_text
 
 
-def judge_batch(judge, records: list[dict], images: list | None = None) -> list[dict[int, dict]]:
-    """``judge.judge_many`` when the judge has it, else ``judge.judge`` on each record."""
-    many = getattr(judge, "judge_many", None)
-    if many is not None:
-        return many(records, images)
-    return [judge.judge(record) for record in records]
+class AdjudicateConfig(StageConfig):
+    """``adjudicate:`` in a manifest: which judge, its LLM settings and the rules thresholds."""
+
+    judge: Literal["rules", "openai"] = "rules"
+    model: str | None = Field(None, description="LLM judge model name (judge: openai)")
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint (judge: openai)")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key (read when the "
+                             "client is created, never recorded; unset = a dummy key, fine for vLLM/SGLang)")
+    concurrency: int = Field(16, ge=1, description="requests in flight per judge worker (judge: openai)")
+    workers: int = Field(1, ge=1, description="judge actors in the Ray plan (judge: openai); the per-minute limits are split between them")
+    batch_size: int = Field(64, ge=1, description="samples per judge batch in the Ray plan (judge: openai); a batch's requests run "
+                                                  "concurrently, so keep it >= concurrency")
+    prompt: str = Field("judge.v1", description="prompt template: prompts/NAME.md (or a path to a .md file); its name and hash "
+                                                "are recorded with every verdict")
+    mode: Literal["all", "ambiguous"] = Field(
+        "all", description="all = the LLM judges every candidate; ambiguous = the rules decide the clear cases (hard "
+                           "rule failures; a lone rules-accepted candidate with det_score >= clear_det_score) and the "
+                           "LLM only the rest")
+    clear_det_score: float = Field(0.5, ge=0, le=1, description="mode ambiguous: a lone candidate the rules accept with at least "
+                                                                "this detector score is accepted without asking")
+    visual: bool = Field(False, description="also send the image with the candidate boxes drawn (multimodal judges)")
+    image_max_side: int = Field(1024, ge=64, description="visual: the image sent is downscaled to this longest side")
+    response_format: Literal["json_schema", "json_object", "guided_json", "structured_outputs", "none"] = Field(
+        "json_schema", description="how the reply format is enforced: json_schema = response_format JSON schema (OpenAI, "
+                                   "vLLM, SGLang); guided_json = vLLM<0.10 extra_body guided_json; structured_outputs = "
+                                   "vLLM>=0.10 extra_body structured_outputs; json_object; none. Replies are always validated")
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(1024, ge=16, description="reply token limit per request")
+    timeout_s: float = Field(60.0, gt=0, description="per-attempt request timeout")
+    max_retries: int = Field(3, ge=0, description="retries after a failed attempt, at most max_retries + 1 requests per sample in all "
+                                                  "(timeout, connection, 429, 5xx: by the openai client; invalid reply: by the judge)")
+    backoff_s: float = Field(1.0, ge=0, description="first retry delay (doubles per retry, with jitter) when the server sends no Retry-After")
+    max_backoff_s: float = Field(30.0, ge=0, description="longest backoff between retries")
+    max_retry_after_s: float = Field(120.0, ge=0, description="a longer Retry-After is replaced by the normal backoff")
+    requests_per_minute: float | None = Field(None, gt=0, description="request rate limit (all workers together; none = unlimited)")
+    tokens_per_minute: float | None = Field(None, gt=0, description="token rate limit (estimated before, corrected after each reply)")
+    on_error: Literal["rules", "reject"] = Field(
+        "rules", description="after the last retry: rules = the rules judge's verdict; reject = reject the candidates. "
+                             "Either way the error is recorded with the verdict")
+    cache_from: list[str] = Field(default_factory=list, description="other output folders whose logged answers are reused "
+                                                                    "(this build's own output folder always is)")
+    min_det_score: float = Field(0.3, ge=0, le=1, description="rules: reject regions below this detector score")
+    min_mask_score: float = Field(0.5, ge=0, le=1, description="rules: reject masks below this predicted quality")
+    min_mask_fill: float = Field(0.1, ge=0, le=1, description="rules: reject masks covering less than this share of their box")
+    min_area_frac: float = Field(0.0005, ge=0, le=1, description="rules: reject masks smaller than this share of the image")
+    max_area_frac: float = Field(0.95, ge=0, le=1, description="rules: reject masks larger than this share of the image")
+    top_k_singular: int = Field(1, ge=1, description="rules: accept at most this many regions for a singular phrase")
+    top_k_plural: int = Field(4, ge=1, description="rules: accept at most this many regions for a plural phrase")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_exists(cls, value: str) -> str:
+        try:
+            load_prompt(value)
+        except (OSError, ValueError) as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
 
-class RulesJudge:
-    """Deterministic accept/reject from detector score, mask quality and per-phrase top-k.
+class AdjudicateStage(Stage):
+    """Applies a judge to every sample and writes the verdicts, statuses and log rows.
 
-    Checks run in order and the first failure is the reason, so every rejection names one
-    concrete cause. Survivors are ranked by ``det_score * mask_score``; a singular phrase
-    keeps the best ``top_k_singular`` (default 1: "a dog" is one dog), a plural one up to
-    ``top_k_plural``; a survivor whose mask nearly repeats an accepted one (IoU > 0.9) is a
-    duplicate, not a second instance.
-    """
+    Resources: the rules judge is CPU work; the LLM judge waits on the network (an ``io`` actor
+    pool of ``adjudicate.workers``, batches of ``adjudicate.batch_size`` so that a batch keeps
+    ``concurrency`` requests in flight)."""
 
-    name = "rules"
-    duplicate_iou = 0.9
+    name = "adjudicate"
 
-    def __init__(self, config):
-        self.config = config
-
-    def setup(self) -> None:
-        pass
-
-    def _region_problem(self, region: dict, image_area: int) -> str | None:
-        c = self.config
-        if region["det_score"] < c.min_det_score:
-            return f"low_det_score: {region['det_score']:.2f} < {c.min_det_score:.2f}"
-        if region.get("mask_rle") is None:
-            return "no_mask"
-        if region["mask_score"] < c.min_mask_score:
-            return f"low_mask_score: {region['mask_score']:.2f} < {c.min_mask_score:.2f}"
-        share = region["area"] / max(image_area, 1)
-        if share < c.min_area_frac:
-            return f"mask_too_small: {share:.4f} of the image < {c.min_area_frac}"
-        if share > c.max_area_frac:
-            return f"mask_too_large: {share:.2f} of the image > {c.max_area_frac}"
-        x0, y0, x1, y1 = region["box_xyxy"]
-        box_area = max((x1 - x0) * (y1 - y0), 1e-6)
-        fill = region["area"] / box_area
-        if fill < c.min_mask_fill:
-            return f"mask_fills_little_of_box: {fill:.2f} < {c.min_mask_fill}"
-        return None
-
-    def judge(self, record: dict) -> dict[int, dict]:
-        c = self.config
-        image_area = record["image"]["width"] * record["image"]["height"]
-        verdicts: dict[int, dict] = {}
-
-        def verdict(accept: bool, reason: str) -> dict:
-            return {"accept": accept, "reason": reason, "judge": self.name, "prompt": RULES_VERSION}
-
-        entities = {e["id"]: e for e in record["entities"]}
-        by_entity: dict[int, list[dict]] = {}
-        for region in record["regions"]:
-            by_entity.setdefault(region["entity"], []).append(region)
-
-        for entity_id, regions in by_entity.items():
-            entity = entities[entity_id]
-            survivors = []
-            for region in regions:
-                problem = self._region_problem(region, image_area)
-                if problem:
-                    verdicts[region["id"]] = verdict(False, problem)
-                else:
-                    survivors.append(region)
-            survivors.sort(key=lambda r: (-(r["det_score"] * r["mask_score"]), r["id"]))
-            limit = c.top_k_plural if entity.get("plural") else c.top_k_singular
-            accepted: list[dict] = []
-            for region in survivors:
-                duplicate_of = self._duplicate_of(region, accepted)
-                if duplicate_of is not None:
-                    verdicts[region["id"]] = verdict(False, f"duplicate_mask: IoU > {self.duplicate_iou} with region {duplicate_of}")
-                elif len(accepted) >= limit:
-                    kind = "plural" if entity.get("plural") else "singular"
-                    verdicts[region["id"]] = verdict(False, f"not_top_k: rank {len(accepted) + 1} > {limit} for a {kind} phrase")
-                else:
-                    accepted.append(region)
-                    score = region["det_score"] * region["mask_score"]
-                    verdicts[region["id"]] = verdict(True, f"passes_rules: rank {len(accepted)}, det*mask {score:.2f}")
-        return verdicts
-
-    def _duplicate_of(self, region: dict, accepted: list[dict]) -> int | None:
-        if not accepted:
-            return None
-        ious = mask_utils.iou([region["mask_rle"]], [a["mask_rle"] for a in accepted], [0] * len(accepted))
-        for other, iou in zip(accepted, ious[0]):
-            if iou > self.duplicate_iou:
-                return other["id"]
-        return None
-
-
-def make_judge(config, out_dir=None) -> Judge:
-    """The judge named by ``adjudicate.judge``; ``out_dir`` (the build's output folder) lets the
-    LLM judge reuse answers already in its logs and journal its new ones there."""
-    if config.judge == "rules":
-        return RulesJudge(config)
-    if config.judge == "openai":
-        from pathlib import Path
-
-        from stages.llm_judge import JOURNAL_DIR, OpenAIJudge
-
-        cache_dirs = ([out_dir] if out_dir else []) + list(config.cache_from)
-        return OpenAIJudge(config, cache_dirs=cache_dirs,
-                           journal_dir=Path(out_dir) / JOURNAL_DIR if out_dir else None)
-    raise NotImplementedError(f"adjudicate.judge={config.judge!r} is not available; use 'rules' or 'openai'")
-
-
-class AdjudicateStage:
-    """Applies a judge to every sample and writes the verdicts, statuses and log rows."""
-
-    def __init__(self, config, judge: Judge | None = None, out_dir=None):
+    def __init__(self, config: AdjudicateConfig, judge: Judge | None = None, out_dir=None):
         self.config = config
         self.judge = judge
         self.out_dir = out_dir
+        if config.judge == "openai":
+            self.resources = Resources("io", workers=config.workers, batch_size=config.batch_size)
+        else:
+            self.resources = Resources("cpu")
 
     def setup(self) -> None:
         if self.judge is None:
             self.judge = make_judge(self.config, self.out_dir)
         self.judge.setup()
 
-    def __call__(self, batch: dict) -> dict:
-        if self.judge is None:
-            self.setup()
-        records = list(batch["record"])
-        logs = list(batch.get("log", ["[]"] * len(records)))
-        images = batch.get("image")
-        todo = [i for i, status in enumerate(batch["status"]) if status == ROW_OK]
-        parsed = {i: loads(records[i]) for i in todo}
-        asked = [i for i in todo if parsed[i]["regions"]]
+    def process(self, rows: list[Row]) -> None:
+        asked = [row for row in rows if row.record["regions"]]
         started = time.perf_counter()
-        results = judge_batch(self.judge, [parsed[i] for i in asked],
-                              [images[i] for i in asked] if images is not None else None)
+        results = judge_batch(self.judge, [row.record for row in asked],
+                              [row["image"] for row in asked] if asked and asked[0].get("image") is not None else None)
         elapsed_ms = (time.perf_counter() - started) * 1000
-        per_region_ms = elapsed_ms / max(sum(len(parsed[i]["regions"]) for i in asked), 1)
-        verdicts = dict(zip(asked, results))
-        for i in todo:
-            record = parsed[i]
-            log_rows = finalize(record, verdicts.get(i, {}), per_region_ms * len(record["regions"]))
-            records[i] = dumps(record)
-            logs[i] = json.dumps(json.loads(logs[i] or "[]") + log_rows)
-        out = dict(batch)
-        out["record"] = records
-        out["log"] = logs
-        return out
+        per_region_ms = elapsed_ms / max(sum(len(row.record["regions"]) for row in asked), 1)
+        verdicts = {row.index: result for row, result in zip(asked, results)}
+        for row in rows:
+            record = row.record
+            log_rows = finalize(record, verdicts.get(row.index, {}), per_region_ms * len(record["regions"]))
+            row["log"] = json.dumps(json.loads(row.get("log") or "[]") + log_rows)
 
 
 # What a verdict keeps in the shard; everything else a judge returns goes to the log only.

@@ -73,6 +73,31 @@ def resize_uint8(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
 
 
+def rgb_pixels(pixels: Any) -> np.ndarray:
+    """A ``pixels`` cell as an (H, W, 3) uint8 array."""
+    arr = np.asarray(pixels)
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"pixels must be a non-empty HxWx3 array, got shape {arr.shape}")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    elif arr.shape[-1] == 4:
+        arr = arr[..., :3]
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def row_pixels(row) -> np.ndarray | None:
+    """A row's ``pixels`` for the models, or None after rejecting the row (``bad_pixels: ...``)."""
+    try:
+        return rgb_pixels(row["pixels"])
+    except (KeyError, TypeError, ValueError) as exc:
+        row.reject(f"bad_pixels: {exc}")
+        return None
+
+
 def _stage_on_host(arrays: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
     """Stack same-shape uint8 arrays into one (pinned, when the target is CUDA) host tensor."""
     shape = (len(arrays), *arrays[0].shape)

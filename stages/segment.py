@@ -11,76 +11,33 @@ and stored on the region as COCO RLE ``mask_rle`` (``size == [H, W]``, ``counts`
 ``mask_score`` (SAM's predicted IoU, clipped to [0, 1]) and ``area`` (pixels).
 Regions that already carry a mask are left alone.
 
-GPU path: the images arrive resized by CPU workers (``sam_pixels``, stages/prep.py; resized here
-when absent), go to the device through pinned memory without blocking, are normalised and padded
+GPU path: the images arrive resized by CPU workers (``sam_pixels``, the prepare stage in
+``stages/ground_segment.py``; resized here when absent), go to the device through pinned memory without blocking, are normalised and padded
 there; nothing waits for the device before the masks of the whole call are copied back.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages import record as rec
-from stages.ground import BatchRows, _to_host
-from stages.models import autocast, load_pretrained, model_ref, resolve_device, resolve_dtype
-from stages.prep import ImagePrep
+from pydantic import Field
 
-# Column that CPU workers fill with the image already resized for SAM (uint8); see stages/prep.py.
+from stages.base import Resources, Row, Stage
+from stages.config import StageConfig
+from stages.ground import _to_host
+from stages.models import autocast, load_pretrained, model_ref, resolve_device, resolve_dtype
+from stages.prep import ImagePrep, row_pixels
+from stages.record.rle import encode as encode_masks  # the masks' COCO RLE (stages/record/rle.py)
+
+# Column that the prepare stage fills with the image already resized for SAM (uint8).
 PREPARED_COLUMN = "sam_pixels"
 # Mask-decoder prompts per call (images x padded boxes): bounds the decoder's memory, since it
 # repeats the image embedding once per prompt.
 MAX_PROMPTS_PER_DECODE = 256
-
-
-def _rle_string(counts: np.ndarray) -> str:
-    """COCO's compressed RLE string of run lengths (pycocotools' ``rleToString``, vectorised)."""
-    x = counts.astype(np.int64).copy()
-    if len(x) > 3:  # from the fourth run on, the difference to the run two before
-        x[3:] -= counts[1:-2].astype(np.int64)
-    shifts = np.arange(7, dtype=np.int64) * 5
-    chunks = (x[:, None] >> shifts[None, :]) & 0x1F                  # 5 bits per character
-    rest = x[:, None] >> (shifts[None, :] + 5)                        # what is left after each
-    more = np.where((chunks & 0x10) != 0, rest != -1, rest != 0)      # another character follows
-    n_chars = 1 + more.sum(axis=1)
-    codes = chunks | np.where(more, 0x20, 0)
-    codes += 48
-    take = np.arange(7)[None, :] < n_chars[:, None]
-    return codes[take].astype(np.uint8).tobytes().decode("ascii")
-
-
-def _encode_masks_numpy(masks: np.ndarray) -> list[dict]:
-    """Same output as pycocotools' ``mask.encode`` (used when pycocotools is not installed)."""
-    out = []
-    n, h, w = masks.shape
-    for m in masks:
-        flat = np.asarray(m, dtype=bool).ravel(order="F")
-        change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-        bounds = np.concatenate(([0], change, [flat.size]))
-        counts = np.diff(bounds)
-        if flat.size and flat[0]:
-            counts = np.concatenate(([0], counts))
-        out.append({"size": [int(h), int(w)], "counts": _rle_string(counts)})
-    return out
-
-
-def encode_masks(masks: np.ndarray) -> list[dict]:
-    """(N, H, W) bool/uint8 masks -> JSON-ready COCO RLEs ``{"size": [H, W], "counts": str}``."""
-    if len(masks) == 0:
-        return []
-    try:
-        from pycocotools import mask as mask_utils
-    except ImportError:  # e.g. a bare GPU image: same strings, computed with numpy
-        return _encode_masks_numpy(np.asarray(masks))
-    stacked = np.asfortranarray(np.transpose(masks.astype(np.uint8), (1, 2, 0)))
-    out = []
-    for rle in mask_utils.encode(stacked):
-        counts = rle["counts"]
-        out.append({"size": [int(rle["size"][0]), int(rle["size"][1])],
-                    "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts})
-    return out
 
 
 def scale_boxes(boxes, original_size: tuple[int, int], reshaped_size: tuple[int, int]) -> torch.Tensor:
@@ -91,6 +48,12 @@ def scale_boxes(boxes, original_size: tuple[int, int], reshaped_size: tuple[int,
     return torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4) * scale
 
 
+class SegmentConfig(StageConfig):
+    model: str = "facebook/sam-vit-huge"
+    revision: str | None = None
+    batch_size: int = Field(4, ge=1, description="images per SAM image-encoder pass")
+
+
 class Encoded:
     """SAM image embeddings issued to the device for some images (see ``SegmentStage.encode``)."""
 
@@ -99,20 +62,33 @@ class Encoded:
         self.sizes: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {}  # -> (original, reshaped)
 
 
-class SegmentStage:
+@dataclass
+class SegmentJob:
+    """One row on its way through SAM: the regions of its record that still need a mask."""
+
+    row: Row
+    regions: list[dict]
+    image: np.ndarray             # RGB pixels at the stored size (masks are made at this size)
+    prepared: Any = None          # the image resized for SAM by the prepare stage, if any
+
+
+class SegmentStage(Stage):
     """SAM box-prompted segmentation stage (see module docstring)."""
 
+    name = "segment"
     provenance_key = "segmenter"
 
-    def __init__(self, segment, runtime):
-        self.segment = segment
+    def __init__(self, config: SegmentConfig, runtime):
+        self.segment = config
         self.runtime = runtime
+        self.resources = Resources("model", workers=runtime.model_workers, gpus=1 / runtime.actors_per_gpu,
+                                   memory_mb=runtime.model_memory_mb)
         self.model = None
         self.processor = None
         self.prep: ImagePrep | None = None
         self.device: torch.device | None = None
         self.dtype: torch.dtype | None = None
-        self.ref = model_ref(segment.model, segment.revision)
+        self.ref = model_ref(config.model, config.revision)
 
     def setup_processor(self) -> None:
         """Load only the processor (CPU workers that prepare images need nothing else)."""
@@ -229,38 +205,38 @@ class SegmentStage:
         out = self.decode(enc, {i: boxes[i] for i in range(len(images))})
         return [out[i] for i in range(len(images))]
 
-    def __call__(self, batch: dict, encoded: Encoded | None = None) -> dict:
-        """``encoded``: embeddings already issued for some rows (by row index), e.g. by
+    def process(self, rows: list[Row], encoded: Encoded | None = None) -> None:
+        """``encoded``: embeddings already issued for some rows (keyed by row index), e.g. by
         GroundAndSegment while the detector's results were being read."""
-        rows = BatchRows(batch)
-        prepared_col = batch.get(PREPARED_COLUMN) if hasattr(batch, "get") else None
-        todo: list[tuple[int, dict, list[dict], np.ndarray]] = []
-        for i in range(rows.n):
-            if not rows.ok(i):
-                continue
-            record = rec.loads(rows.records[i])
+        jobs = self.select(rows)
+        if not jobs:
+            return
+        self.setup()
+        images = {job.row.index: job.image for job in jobs}
+        prepared = {job.row.index: job.prepared for job in jobs if job.prepared is not None} or None
+        enc = self.encode(images, prepared, into=encoded)
+        results = self.decode(enc, {job.row.index: [r["box_xyxy"] for r in job.regions] for job in jobs})
+        for job in jobs:
+            masks, ious = results[job.row.index]
+            for region, rle, m, iou in zip(job.regions, encode_masks(masks), masks, ious):
+                region["mask_rle"] = rle
+                region["mask_score"] = round(min(max(float(iou), 0.0), 1.0), 5)  # predicted IoU, clipped
+                region["area"] = int(m.sum())
+
+    def select(self, rows: list[Row]) -> list[SegmentJob]:
+        """The rows with regions that have a box and no mask yet, as jobs (provenance recorded on
+        every row; a row whose pixels are unusable is rejected)."""
+        jobs = []
+        for row in rows:
+            record = row.record
             record.setdefault("provenance", {})[self.provenance_key] = self.ref
             regions = [r for r in record.get("regions", []) if r.get("box_xyxy") and r.get("mask_rle") is None]
             if regions:
-                image = rows.pixels(i)
+                image = row_pixels(row)
                 if image is not None:
-                    todo.append((i, record, regions, image))
-            else:
-                rows.records[i] = rec.dumps(record)
-        if todo:
-            self.setup()
-            images = {i: image for i, _, _, image in todo}
-            prepared = {i: prepared_col[i] for i in images} if prepared_col is not None else None
-            enc = self.encode(images, prepared, into=encoded)
-            results = self.decode(enc, {i: [r["box_xyxy"] for r in regions] for i, _, regions, _ in todo})
-            for i, record, regions, _ in todo:
-                masks, ious = results[i]
-                for region, rle, m, iou in zip(regions, encode_masks(masks), masks, ious):
-                    region["mask_rle"] = rle
-                    region["mask_score"] = round(min(max(float(iou), 0.0), 1.0), 5)  # predicted IoU, clipped
-                    region["area"] = int(m.sum())
-                rows.records[i] = rec.dumps(record)
-        return rows.result()
+                    jobs.append(SegmentJob(row, regions, image, row.get(PREPARED_COLUMN)))
+        return jobs
 
 
-__all__ = ["SegmentStage", "Encoded", "encode_masks", "scale_boxes", "PREPARED_COLUMN", "MAX_PROMPTS_PER_DECODE"]
+__all__ = ["SegmentConfig", "SegmentJob", "SegmentStage", "Encoded", "encode_masks", "scale_boxes", "PREPARED_COLUMN",
+           "MAX_PROMPTS_PER_DECODE"]

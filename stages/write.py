@@ -1,4 +1,4 @@
-"""write: one shard at a time, in the output layout of DESIGN.md.
+"""write: one shard at a time, in the output layout of docs/schema.md.
 
 A shard is written as: rejected/ → logs/ → stats/ → index/ → shards/*.tar, each file under a
 temporary name in its own folder and renamed when whole. The ``.tar`` comes last, so "the tar
@@ -7,18 +7,17 @@ all of them anyway, and a rerun redoes any shard that is not complete.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.judge_stats import shard_judge_stats
+from stages.judges.stats import shard_judge_stats
 from stages.record import ROW_OK, check_record, loads
+from stages.record.shards import LAYOUT, output_paths, sample_members, write_tar
 
 INDEX_SCHEMA = pa.schema([
     ("key", pa.string()), ("shard", pa.string()), ("n_entities", pa.int32()),
@@ -32,7 +31,7 @@ LOG_SCHEMA = pa.schema([
     ("prompt", pa.string()), ("latency_ms", pa.float32()), ("tokens", pa.int32()),
     ("error", pa.string()),
     # who decided (rules | llm | fallback_rules | fallback_reject), and the LLM judge's cache key
-    # (model, prompt_hash, input_hash) and request numbers (see stages/llm_judge.py)
+    # (model, prompt_hash, input_hash) and request numbers (see stages/judges/)
     ("decided_by", pa.string()), ("cached", pa.bool_()), ("prompt_hash", pa.string()),
     ("input_hash", pa.string()), ("attempts", pa.int32()), ("attempt_errors", pa.string()),
     ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()), ("visual", pa.bool_()),
@@ -53,18 +52,11 @@ class ShardWriter:
     def __init__(self, out_dir: str | os.PathLike, name: str):
         self.out = Path(out_dir)
         self.name = name
-        for sub in ("shards", "index", "logs", "rejected", "stats"):
-            (self.out / sub).mkdir(parents=True, exist_ok=True)
+        for folder, _ in LAYOUT.values():
+            (self.out / folder).mkdir(parents=True, exist_ok=True)
 
     def paths(self, shard: int) -> dict[str, Path]:
-        n = f"{shard:06d}"
-        return {
-            "rejected": self.out / "rejected" / f"{n}.parquet",
-            "log": self.out / "logs" / f"adjudication-{n}.parquet",
-            "stats": self.out / "stats" / f"{n}.json",
-            "index": self.out / "index" / f"{self.name}-{n}.parquet",
-            "tar": self.out / "shards" / f"{self.name}-{n}.tar",
-        }
+        return output_paths(self.out, self.name, shard)
 
     def is_complete(self, shard: int) -> bool:
         return all(p.exists() for p in self.paths(shard).values())
@@ -125,62 +117,11 @@ class ShardWriter:
 
         def members():
             for row, record in zip(ok, records):
-                yield f"{record['key']}.{row['ext']}", bytes(row["image"])
                 # the record column already is the sample's JSON (checked above): stored as is
-                text = row["record"]
-                yield f"{record['key']}.json", text if isinstance(text, bytes) else text.encode("utf-8")
+                yield from sample_members(record["key"], row["ext"], row["image"], row["record"])
 
         _atomic_write(paths["tar"], lambda path: write_tar(path, members()))
         return stats
-
-
-def _member_info(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = 0  # reproducible shards: same inputs, same bytes
-    info.mode = 0o644
-    return info
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    tar.addfile(_member_info(name, len(data)), io.BytesIO(data))
-
-
-_HEADER_TEMPLATE: bytes | None = None
-
-
-def _ustar_header(name: str, size: int) -> bytes:
-    """The 512-byte USTAR header ``tarfile`` writes for a regular file (mode 0644, mtime 0, no
-    owner), built from a template: ``tarfile``'s own header code costs more than the data copy."""
-    global _HEADER_TEMPLATE
-    raw = name.encode("utf-8")
-    if len(raw) > 100 or size >= 8 ** 11:  # prefix split / big sizes: let tarfile do it
-        return _member_info(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
-    if _HEADER_TEMPLATE is None:
-        _HEADER_TEMPLATE = _member_info("x", 0).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
-    buf = bytearray(_HEADER_TEMPLATE)
-    buf[0:100] = raw.ljust(100, b"\0")
-    buf[124:136] = b"%011o\0" % size
-    buf[148:156] = b"        "
-    buf[148:155] = b"%06o\0" % sum(buf)
-    return bytes(buf)
-
-
-def write_tar(path: Path, members) -> None:
-    """Write ``(name, bytes)`` members as an uncompressed USTAR archive, byte for byte what
-    ``tarfile.open(path, "w", format=USTAR_FORMAT)`` + ``addfile`` writes (tests/test_write.py)."""
-    block, record = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
-    offset = 0
-    with open(path, "wb", buffering=1 << 20) as fh:
-        for name, data in members:
-            fh.write(_ustar_header(name, len(data)))
-            fh.write(data)
-            pad = -len(data) % block
-            if pad:
-                fh.write(b"\0" * pad)
-            offset += block + len(data) + pad
-        offset += 2 * block
-        fh.write(b"\0" * (2 * block + (-offset % record)))
 
 
 def shard_stats(shard: int, rows: list[dict], records: list[dict], log_rows: list[dict]) -> dict:

@@ -17,14 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    from pipeline.tiny_models import write_tiny_models
+    from devkit.tiny_models import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("tiny-models"))
 
 
 @pytest.fixture(scope="session")
 def sample_jsonl(tmp_path_factory) -> Path:
-    from pipeline.sample_data import write_sample_data
+    from devkit.sample_data import write_sample_data
 
     return write_sample_data(tmp_path_factory.mktemp("sample-data"))
 

@@ -32,13 +32,13 @@ def sam_dir(tiny_models) -> Path:
 
 
 def detect_config(model: str | Path, **kw):
-    from pipeline.manifest import DetectConfig
+    from stages.ground import DetectConfig
 
     return DetectConfig(model=str(model), **kw)
 
 
 def segment_config(model: str | Path, **kw):
-    from pipeline.manifest import SegmentConfig
+    from stages.segment import SegmentConfig
 
     return SegmentConfig(model=str(model), **kw)
 

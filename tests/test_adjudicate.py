@@ -3,8 +3,8 @@ import json
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from pipeline.manifest import AdjudicateConfig
-from stages.adjudicate import AdjudicateStage, RulesJudge
+from stages.adjudicate import AdjudicateConfig, AdjudicateStage
+from stages.judges.rules import RulesJudge
 from stages.record import check_record, dumps, loads, new_record
 
 W, H = 100, 80

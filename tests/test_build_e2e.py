@@ -79,8 +79,8 @@ def _rejected(out: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def module_overrides(tmp_path_factory):
-    from pipeline.sample_data import write_sample_data
-    from pipeline.tiny_models import write_tiny_models
+    from devkit.sample_data import write_sample_data
+    from devkit.tiny_models import write_tiny_models
 
     models = write_tiny_models(tmp_path_factory.mktemp("models"))
     jsonl = write_sample_data(tmp_path_factory.mktemp("data"))

@@ -18,14 +18,8 @@ from conftest_models import (  # noqa: F401
     two_image_batch,
 )
 from stages import record as rec
-from stages.ground import (
-    GroundStage,
-    build_prompts,
-    cxcywh_to_xyxy,
-    normalize_phrase,
-    phrase_scores,
-    select_boxes,
-)
+from stages.ground import GroundStage
+from stages.phrase_boxes import build_prompts, cxcywh_to_xyxy, normalize_phrase, phrase_scores, select_boxes
 from stages.models import (
     ModelUnavailableError,
     check_model_available,

@@ -1,4 +1,4 @@
-"""The LLM judge against a local Chat Completions server (pipeline/fake_judge_server.py) through
+"""The LLM judge against a local Chat Completions server (devkit/fake_judge_server.py) through
 the real ``openai`` client: scripted replies and injected faults, each with the retry, fallback
 or rejection it should give, and never a lost sample or a leaked API key."""
 from __future__ import annotations
@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import logging
+import socket
 import time
 from pathlib import Path
 
@@ -16,11 +17,12 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipeline.fake_judge_server import FakeJudgeServer, FakeReply, policy_reply, user_text
-from pipeline.manifest import AdjudicateConfig
-from stages.adjudicate import AdjudicateStage
-from stages.judge_stats import merge_judge_stats, shard_judge_stats
-from stages.llm_judge import RateLimiter, load_prompt, parse_reply, ReplyError
+from devkit.fake_judge_server import FakeJudgeServer, FakeReply, policy_reply, user_text
+from stages.adjudicate import AdjudicateConfig, AdjudicateStage
+from stages.judges.limits import RateLimiter
+from stages.judges.prompt import load_prompt
+from stages.judges.reply import ReplyError, parse_reply, reply_schema
+from stages.judges.stats import merge_judge_stats, shard_judge_stats
 from stages.record import check_record, dumps, loads, new_record
 from stages.write import ShardWriter
 
@@ -261,6 +263,73 @@ def test_broken_http_body_is_a_fault_not_a_crash(server_factory):
     assert {r["decided_by"] for r in logs[0]} == {"llm"} and logs[0][0]["attempts"] == 2
 
 
+def test_a_bad_reply_and_http_faults_share_one_retry_budget(server_factory):
+    def handler(req):
+        return FakeReply(content="{not json") if req.attempt == 1 else FakeReply(status=500)
+
+    server = server_factory(handler=handler)
+    _, logs, _ = run(config(server, max_retries=2), [sample(0)])
+    assert len(server.requests) == 3  # max_retries + 1 requests in all, whoever retried
+    row = logs[0][0]
+    assert row["attempts"] == 3 and row["attempt_errors"] == "malformed_json,server_error,server_error"
+    assert row["decided_by"] == "fallback_rules" and row["error"].startswith("server_error: HTTP 500")
+
+
+def test_client_retries_wait_the_manifest_backoff(server_factory):
+    seen = []
+
+    def handler(req):
+        seen.append(time.monotonic())
+        if req.attempt == 1:
+            return FakeReply(status=500)
+        if req.attempt == 2:  # a Retry-After above max_retry_after_s: the normal backoff instead
+            return FakeReply(status=429, headers={"Retry-After": "30"})
+        return None
+
+    server = server_factory(handler=handler)
+    _, logs, _ = run(config(server, backoff_s=0.05, max_backoff_s=0.08, max_retry_after_s=1.0), [sample(0)])
+    gaps = [b - a for a, b in zip(seen, seen[1:])]
+    assert 0.035 <= gaps[0] < 0.3    # backoff_s (minus up to 25% jitter), not the client's own 0.375-0.5 s
+    assert 0.055 <= gaps[1] < 0.3    # 2 * backoff_s capped at max_backoff_s, not the 30 s asked for
+    assert logs[0][0]["attempt_errors"] == "server_error,rate_limit" and logs[0][0]["decided_by"] == "llm"
+
+
+def test_a_retry_after_longer_than_the_client_waits_gets_the_backoff(server_factory):
+    server = server_factory(handler=lambda req: FakeReply(status=429, headers={"Retry-After": "100000"})
+                            if req.attempt == 1 else None)
+    started = time.monotonic()
+    _, logs, _ = run(config(server), [sample(0)])  # max_retry_after_s: 120 (the default)
+    assert time.monotonic() - started < 2.0 and len(server.requests) == 2
+    assert logs[0][0]["decided_by"] == "llm" and logs[0][0]["attempt_errors"] == "rate_limit"
+
+
+def test_refused_connections_are_retried_by_the_client(server_factory):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = server_factory()
+    recs, logs, _ = run(config(server, base_url=f"http://127.0.0.1:{port}/v1", max_retries=2), [sample(0)])
+    row = logs[0][0]
+    assert row["attempts"] == 3 and row["attempt_errors"] == "connection,connection,connection"
+    assert row["decided_by"] == "fallback_rules" and row["error"].startswith("connection:")
+    assert check_record(recs[0]) == []
+
+
+def test_the_clients_retries_pass_the_rate_limit(server_factory):
+    seen = []
+
+    def handler(req):
+        seen.append(time.monotonic())
+        return FakeReply(status=503) if req.attempt == 1 else None
+
+    server = server_factory(handler=handler)
+    _, logs, _ = run(config(server, requests_per_minute=120, backoff_s=0.01), [sample(0)])  # 2/s, bursts of 2
+    run_again = server_factory(handler=handler)
+    _, logs2, _ = run(config(run_again, requests_per_minute=60, backoff_s=0.01), [sample(1)])  # 1/s, bursts of 1
+    assert seen[1] - seen[0] < 0.4 and seen[3] - seen[2] >= 0.85  # the retry waited for the bucket
+    assert logs2[0][0]["attempts"] == 2 and logs2[0][0]["attempt_errors"] == "server_error"
+
+
 def _mutate(kind):
     def handler(req):
         reply = policy_reply(req.payload)
@@ -309,6 +378,47 @@ def test_parse_reply_rules():
         parse_reply(json.dumps(bad), shown)
     with pytest.raises(ReplyError, match="malformed_json"):
         parse_reply("OK " + json.dumps(good), shown)  # no free text around the JSON
+
+
+def test_reply_model_gives_the_schema_sent_and_reads_strictly():
+    shown = {0: [0, 1], 1: [2]}
+    # the pydantic model's schema, self-contained (no $ref), with the ids restricted to the ones shown
+    assert reply_schema(shown) == {
+        "type": "object", "additionalProperties": False, "required": ["entities"],
+        "properties": {"entities": {"type": "array", "items": {
+            "type": "object", "additionalProperties": False, "required": ["id", "visual", "candidates"],
+            "properties": {
+                "id": {"type": "integer", "enum": [0, 1]},
+                "visual": {"type": "boolean"},
+                "candidates": {"type": "array", "items": {
+                    "type": "object", "additionalProperties": False, "required": ["id", "accept", "reason"],
+                    "properties": {"id": {"type": "integer", "enum": [0, 1, 2]},
+                                   "accept": {"type": "boolean"}, "reason": {"type": "string"}}}},
+            }}}},
+    }
+    good = {"entities": [{"id": 0, "visual": True, "candidates": [
+                             {"id": 0, "accept": True, "reason": " a\n  long " + "x" * 300, "score": 0.9},
+                             {"id": 1, "accept": False, "reason": "y"}]},
+                         {"id": 1, "visual": True, "candidates": [{"id": 2, "accept": False, "reason": "z"}]}]}
+    out = parse_reply(json.dumps(good), shown)  # keys the schema does not name are ignored
+    assert out[0]["reason"].startswith("a long xxx") and len(out[0]["reason"]) == 200
+
+    def error(mutate) -> str:
+        bad = json.loads(json.dumps(good))
+        mutate(bad)
+        with pytest.raises(ReplyError) as info:
+            parse_reply(json.dumps(bad), shown)
+        assert info.value.kind == "invalid_reply"
+        return info.value.detail
+
+    assert error(lambda d: d["entities"][0]["candidates"][0].update(id=True)) == "entity 0: candidate without an integer id"
+    assert error(lambda d: d["entities"][0]["candidates"][1].update(accept=1)) == "candidate 1: 'accept' is not true/false"
+    assert error(lambda d: d["entities"][1]["candidates"][0].pop("reason")) == "candidate 2: 'reason' is not a string"
+    assert error(lambda d: d["entities"][1].update(visual="no")) == "entity 1: 'visual' is not true/false"
+    assert error(lambda d: d["entities"][1].update(id="1")) == "entity without an integer id"
+    assert error(lambda d: d["entities"].append(d["entities"][0])) == "entity 0 answered twice"
+    assert error(lambda d: d["entities"][1]["candidates"].clear()) == "candidates not answered: [2]"
+    assert error(lambda d: d.update(entities={})) == "expected an object with an 'entities' list"
 
 
 def test_not_visual_entity_is_skipped(server_factory):

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from stages import record as rec
-from stages.parse import (
+from stages.parse import ParseStage
+from stages.phrases import (
     COLLECTIVE_HEADS,
     NON_VISUAL_NOUNS,
-    ParseStage,
     extract_entities,
     load_spacy,
     resolve_model_name,
@@ -40,7 +40,7 @@ def nlp():
 
 @pytest.fixture(scope="module")
 def stage(nlp):
-    from pipeline.manifest import ParseConfig
+    from stages.parse import ParseConfig
 
     s = ParseStage(ParseConfig())
     s.nlp = nlp  # share the loaded pipeline between tests (setup() keeps an existing one)
@@ -376,7 +376,7 @@ def test_stage_conversation_only_assistant_turns(stage):
 
 
 def test_stage_max_entities_is_per_record_across_turns(nlp):
-    from pipeline.manifest import ParseConfig
+    from stages.parse import ParseConfig
 
     s = ParseStage(ParseConfig(max_entities=3))
     s.nlp = nlp
@@ -521,7 +521,7 @@ def test_import_does_not_load_spacy():
 
 def test_inlined_noun_chunks_match_spacy(nlp):
     # extract_entities inlines spaCy's English noun_chunks rule for speed; it must agree.
-    from stages.parse import _noun_chunks
+    from stages.phrases import _noun_chunks
 
     for doc in nlp.pipe(list(CAPTIONS) + EXTRA + [t["value"] for t in CONVERSATION]):
         assert [(s, e) for s, e, _ in _noun_chunks(list(doc))] == [(c.start, c.end) for c in doc.noun_chunks]

@@ -1,12 +1,10 @@
 """GPU fast path pieces, on CPU: CPU-side resize + device-side normalise == the processors,
-prepared columns change nothing, batched SAM decoding, padded GroundingDINO batches, the numpy
-RLE fallback, the pre-NMS cap."""
+prepared columns change nothing, batched SAM decoding, padded GroundingDINO batches, the pre-NMS
+cap (the RLE is the record module's: tests/test_record.py)."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
-from pycocotools import mask as mask_utils
 
 from conftest_models import (  # noqa: F401
     cpu_runtime,
@@ -60,27 +58,8 @@ def test_upload_pads_mixed_sizes_with_zeros_and_a_mask(gdino_dir, sam_dir):
     assert int(mask[1].sum()) == b.shape[0] * b.shape[1]
 
 
-@pytest.mark.parametrize("shape, density", [((7, 11), 0.5), ((480, 640), 0.001), ((480, 640), 0.5),
-                                            ((300, 200), 0.999), ((1, 1), 1.0), ((2000, 1500), 0.3)])
-def test_numpy_rle_equals_pycocotools(shape, density):
-    from stages.segment import _encode_masks_numpy
-
-    rng = np.random.default_rng(0)
-    h, w = shape
-    masks = [rng.random(shape) < density, np.zeros(shape, bool), np.ones(shape, bool)]
-    blob = np.zeros(shape, bool)
-    blob[h // 4: 3 * h // 4 + 1, w // 5: w // 2 + 1] = True
-    masks.append(blob)
-    stacked = np.stack(masks)
-    want = mask_utils.encode(np.asfortranarray(np.transpose(stacked.astype(np.uint8), (1, 2, 0))))
-    got = _encode_masks_numpy(stacked)
-    for g, w_ in zip(got, want):
-        assert g["size"] == [int(v) for v in w_["size"]]
-        assert g["counts"] == w_["counts"].decode("ascii")
-
-
 def _stage(gdino_dir, sam_dir, **detect):
-    from stages.model_stage import GroundAndSegment
+    from stages.ground_segment import GroundAndSegment
 
     stage = GroundAndSegment(detect_config(gdino_dir, batch_size=4, **detect), segment_config(sam_dir, batch_size=2),
                              cpu_runtime())
@@ -89,7 +68,7 @@ def _stage(gdino_dir, sam_dir, **detect):
 
 
 def test_prepared_columns_change_nothing(gdino_dir, sam_dir):
-    from stages.model_stage import PREPARED_COLUMNS, PrepareStage
+    from stages.ground_segment import PREPARED_COLUMNS, PrepareStage
 
     stage = _stage(gdino_dir, sam_dir)
     plain = stage(two_image_batch())
@@ -133,7 +112,7 @@ def test_padded_detector_batches(gdino_dir, sam_dir):
 
 
 def test_pre_nms_cap_keeps_the_best_boxes():
-    from stages.ground import PRE_NMS_TOP_K, select_boxes
+    from stages.phrase_boxes import PRE_NMS_TOP_K, select_boxes
 
     n = PRE_NMS_TOP_K * 3
     g = torch.Generator().manual_seed(0)
@@ -146,7 +125,7 @@ def test_pre_nms_cap_keeps_the_best_boxes():
 
 
 def test_batch_phrase_scores_equal_phrase_scores():
-    from stages.ground import batch_phrase_scores, phrase_scores
+    from stages.phrase_boxes import batch_phrase_scores, phrase_scores
 
     g = torch.Generator().manual_seed(1)
     logits = torch.randn((3, 50, 20), generator=g) * 3

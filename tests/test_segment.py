@@ -93,7 +93,7 @@ def test_segment_stage_is_deterministic_and_idempotent(segment_stage):
 
 
 def test_ground_and_segment_two_sizes_one_batch(gdino_dir, sam_dir):
-    from stages.model_stage import GroundAndSegment
+    from stages.ground_segment import GroundAndSegment
 
     stage = GroundAndSegment(detect_config(gdino_dir, batch_size=4), segment_config(sam_dir, batch_size=4),
                              cpu_runtime())
@@ -119,7 +119,7 @@ def test_ground_and_segment_two_sizes_one_batch(gdino_dir, sam_dir):
 @pytest.mark.gpu
 def test_ground_and_segment_on_cuda_bf16(gdino_dir, sam_dir):
     from pipeline.manifest import RuntimeConfig
-    from stages.model_stage import GroundAndSegment
+    from stages.ground_segment import GroundAndSegment
 
     stage = GroundAndSegment(detect_config(gdino_dir), segment_config(sam_dir),
                              RuntimeConfig(executor="local", device="cuda", dtype="auto"))

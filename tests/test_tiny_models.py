@@ -92,7 +92,7 @@ def test_sam_loads_and_sizes_are_consistent(sam_dir):
 
 
 def test_deterministic_bytes_and_no_rewrite(tiny_models, tmp_path):
-    from pipeline.tiny_models import write_tiny_models
+    from devkit.tiny_models import write_tiny_models
 
     again = write_tiny_models(tmp_path / "again")
     for name in (GDINO, SAM):
@@ -111,7 +111,7 @@ def test_deterministic_bytes_and_no_rewrite(tiny_models, tmp_path):
 def test_tokenizer_covers_caption_words(gdino_dir):
     from transformers import AutoTokenizer
 
-    from pipeline.tiny_models import CAPTION_WORDS
+    from devkit.tiny_models import CAPTION_WORDS
 
     tok = AutoTokenizer.from_pretrained(gdino_dir)
     vocab = tok.get_vocab()

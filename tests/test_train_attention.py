@@ -1,5 +1,5 @@
 """The capture attention function: rows equal eager output_attentions rows, gradients flow into
-q/k projections, and model outputs are unchanged (DESIGN.md, "The where-to-look loss")."""
+q/k projections, and model outputs are unchanged (docs/architecture.md, "The where-to-look loss")."""
 from __future__ import annotations
 
 import pytest

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipeline.cli import main
-from stages.train.shapes import scene_record, scenes, write_shard
+from devkit.experiments.shapes_scenes import scene_record, scenes, write_shard
 from train_support import tiny_vlm
 
 

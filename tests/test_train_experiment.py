@@ -12,7 +12,7 @@ import pytest
 
 @pytest.mark.slow
 def test_wtl_raises_heldout_attention_iou(tmp_path):
-    from pipeline.experiment import QUICK, format_results, run_shapes
+    from devkit.experiments.shapes import QUICK, format_results, run_shapes
 
     rows = run_shapes(tmp_path, seeds=[0], st=QUICK)
     by = {r["lambda"]: r for r in rows}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stages.train.data import Collator, DataConfig, build_example, iter_shard_samples
-from stages.train.shapes import scene_record, scenes, write_shard
+from devkit.experiments.shapes_scenes import scene_record, scenes, write_shard
 from train_support import tiny_vlm
 
 

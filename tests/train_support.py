@@ -7,7 +7,7 @@ _CACHE: dict = {}
 
 
 def tiny_vlm(tmp_root, family: str, **kw):
-    from pipeline.tiny_vlms import write_tiny_vlm
+    from devkit.tiny_vlms import write_tiny_vlm
 
     key = (family, tuple(sorted(kw.items())))
     if key not in _CACHE:

@@ -1,1 +1,1 @@
-"""Training-side stages (data, attention capture, loss): see DESIGN.md."""
+"""Training-side stages (data, attention capture, loss): see docs/architecture.md."""

@@ -1,6 +1,6 @@
 """Where-to-look attention capture: a transformers attention function that returns the normal
 SDPA (or flash) output and, for selected language-model layers, recomputes the softmax rows of
-only the entity query positions against all keys, differentiably (DESIGN.md, "The where-to-look
+only the entity query positions against all keys, differentiably (docs/architecture.md, "The where-to-look
 loss").
 
 Usage::
@@ -164,7 +164,7 @@ def language_layers(model) -> list[torch.nn.Module]:
 
 
 def middle_third(n_layers: int) -> list[int]:
-    """DESIGN.md default layer set: the middle third of the language model's layers."""
+    """The default layer set: the middle third of the language model's layers."""
     lo = n_layers // 3
     hi = max(lo + 1, (2 * n_layers + 2) // 3)
     return list(range(lo, min(hi, n_layers)))

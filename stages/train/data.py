@@ -1,4 +1,4 @@
-"""Shards (DESIGN.md "Sample in a shard") -> training examples and batches for a VLM family.
+"""Shards (docs/schema.md) -> training examples and batches for a VLM family.
 
 * A caption becomes ``[user: <image> + instruction, assistant: caption]`` (instruction
   configurable); instruction conversations are used as they are (the first human turn's
@@ -14,8 +14,6 @@
 from __future__ import annotations
 
 import io
-import json
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -23,6 +21,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from stages import record as rec
+from stages.record import rle, shards
 from stages.train.geometry import Geometry, geometry_for
 
 DEFAULT_INSTRUCTION = "Describe the image briefly."
@@ -31,41 +31,11 @@ IMAGE_TOKENS = {"llava": "<image>", "llava_next": "<image>", "qwen2_vl": "<|imag
 
 # --------------------------------------------------------------------------- shards
 def iter_shard_samples(paths: Iterable[str | Path]) -> Iterator[dict]:
-    """Yield ``{"key", "image": bytes, "ext", "record": dict}`` from WebDataset tars, in order."""
-    for path in paths:
-        with tarfile.open(path) as tar:
-            current, parts = None, {}
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                if current is not None and key != current:
-                    yield _sample(current, parts)
-                    parts = {}
-                current = key
-                parts[ext] = tar.extractfile(member).read()
-            if current is not None and parts:
-                yield _sample(current, parts)
-
-
-def _sample(key: str, parts: dict) -> dict:
-    ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
-    if ext is None or "json" not in parts:
-        raise ValueError(f"sample {key}: needs an image and a .json")
-    return {"key": key, "image": parts[ext], "ext": ext, "record": json.loads(parts["json"])}
-
-
-def shard_paths(path: str | Path) -> list[Path]:
-    """A shard file, a folder of shards, or a build output folder (its ``shards/``)."""
-    p = Path(path)
-    if p.is_file():
-        return [p]
-    if (p / "shards").is_dir():
-        p = p / "shards"
-    found = sorted(p.glob("*.tar"))
-    if not found:
-        raise FileNotFoundError(f"no .tar shards under {path}")
-    return found
+    """Yield ``{"key", "image": bytes, "ext", "record": dict}`` from the shards, in order."""
+    for record, image, ext in shards.iter_records(paths, images=True):
+        if image is None:
+            raise ValueError(f"sample {record.get('key')}: needs an image and a .json")
+        yield {"key": record["key"], "image": image, "ext": ext, "record": record}
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -76,22 +46,12 @@ def decode_image(data: bytes) -> np.ndarray:
 
 def entity_mask(record: dict, entity: dict) -> np.ndarray | None:
     """Union of the entity's accepted regions' masks (None when it has none)."""
-    from pycocotools import mask as mask_utils
-
     h, w = record["image"]["height"], record["image"]["width"]
-    regions = {r["id"]: r for r in record.get("regions", [])}
     out = None
-    for rid in entity.get("regions") or []:
-        region = regions.get(rid)
-        if region is None or "mask_rle" not in region:
+    for region in rec.accepted_regions(record, entity):
+        if region.get("mask_rle") is None:
             continue
-        verdict = region.get("verdict") or {}
-        if not verdict.get("accept", False):
-            continue
-        rle = dict(region["mask_rle"])
-        if isinstance(rle.get("counts"), str):
-            rle["counts"] = rle["counts"].encode()
-        m = mask_utils.decode(rle).astype(bool)
+        m = rle.decode(region["mask_rle"])
         if m.shape != (h, w):
             raise ValueError(f"mask size {m.shape} != image ({h}, {w})")
         out = m if out is None else (out | m)
@@ -114,7 +74,8 @@ def _messages(record: dict, instruction: str) -> tuple[list[dict], list[str]]:
         msgs, turns = [], []
         image_done = False
         for turn in text["conversations"]:
-            role = "user" if turn["from"] in ("human", "user") else "assistant"
+            who = rec.speaker(turn)
+            role = "assistant" if who in rec.ASSISTANT_ROLES else "system" if who == "system" else "user"
             value = turn["value"]
             content = []
             if role == "user" and not image_done:

@@ -1,4 +1,4 @@
-"""The where-to-look loss (DESIGN.md): from captured attention rows and the collator's entity
+"""The where-to-look loss (docs/architecture.md): from captured attention rows and the collator's entity
 tensors. Variants: ``kl`` (default, KL(p_e || a_e) on the head-averaged map), ``kl_head``
 (per-head KL, averaged), ``mass`` ((1 - sum m*a)^2), ``dice_bce`` (soft dice + BCE of the
 max-normalised map against the area-averaged mask)."""

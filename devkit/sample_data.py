@@ -22,11 +22,12 @@ import io
 import json
 import math
 import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from stages.record.shards import write_tar
 
 SAMPLE_VERSION = 1
 _STAMP = ".sample-data.json"
@@ -282,13 +283,7 @@ def _good_ids() -> list[str]:
 
 def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tf.addfile(info, io.BytesIO(data))
+    write_tar(buf, members)
     return buf.getvalue()
 
 

@@ -6,7 +6,7 @@ entity it accepts the candidate with the highest ``det_score`` (every candidate 
 within ``plural_margin`` of the best, for a plural phrase) and rejects the others. It never
 judges anything; it only lets the pipeline run end to end without a GPU or network.
 
-    python -m pipeline.fake_judge_server --port 8011 --latency-ms 50
+    python -m devkit.fake_judge_server --port 8011 --latency-ms 50
     lookandlearn build manifests/sample.yaml --set adjudicate.judge=openai \\
         --set adjudicate.model=fake-judge --set adjudicate.base_url=http://127.0.0.1:8011/v1
 
@@ -254,7 +254,7 @@ class FakeJudgeServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.fake_judge_server", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m devkit.fake_judge_server", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8011, help="port (0 = any free port; the URL is printed)")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="fixed delay before every reply")

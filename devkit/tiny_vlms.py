@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.tiny_models import CAPTION_WORDS
+from devkit.tiny_models import CAPTION_WORDS
 
 GENERATOR_VERSION = "tiny-vlm-v1"
 FAMILIES = ("llava", "llava_next", "qwen2_vl")
@@ -85,7 +85,7 @@ def build_tokenizer(family: str):
 def _readme(name: str, family: str, seed: int) -> str:
     return f"""# {name}: RANDOM WEIGHTS, NOT A REAL MODEL
 
-Written by Look&Learn's `pipeline.tiny_vlms.write_tiny_vlm` (family {family}, seed {seed},
+Written by Look&Learn's `devkit.tiny_vlms.write_tiny_vlm` (family {family}, seed {seed},
 generator {GENERATOR_VERSION}). Tiny widths, random initialisation, a word-level toy tokenizer.
 For tests, `make train` and the shapes experiment only; never report its numbers as results
 about real VLMs.

@@ -93,7 +93,7 @@ def _build_vocab() -> list[str]:
 def _readme(title: str, loads: str, seed: int) -> str:
     return f"""# {title}: RANDOM WEIGHTS, NOT A REAL MODEL
 
-This folder was written by Look&Learn's `pipeline.tiny_models.write_tiny_models` (seed {seed},
+This folder was written by Look&Learn's `devkit.tiny_models.write_tiny_models` (seed {seed},
 generator {GENERATOR_VERSION}).
 Every weight is **randomly initialised**; the model has tiny widths and depths and was never
 trained. Its detections / masks are noise. It exists only so that tests and the offline sample

@@ -1,15 +1,16 @@
 """Controlled experiment data: scenes of simple coloured shapes with exact masks, captions naming
 them ("a red circle above a small blue square") and questions ("what colour is the square?"),
-written as WebDataset shards in the build's sample schema (DESIGN.md "Sample in a shard")."""
+written as WebDataset shards in the build's sample schema (docs/schema.md)."""
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
+
+from stages.record import rle, shards
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
 SHAPES = ("circle", "square", "triangle")
@@ -60,7 +61,6 @@ def scene_record(key: str, scene: dict, question: int | None = None) -> tuple[di
     """A sample record (caption sample, or a question conversation when ``question`` is the index
     of the object asked about) and its PNG bytes."""
     from PIL import Image
-    from pycocotools import mask as mask_utils
 
     img = scene["image"]
     buf = io.BytesIO()
@@ -88,9 +88,8 @@ def scene_record(key: str, scene: dict, question: int | None = None) -> tuple[di
         o = scene["objects"][i]
         text = rec["text"]["caption"]
         assert text[s:e] == phrase(o)
-        rle = mask_utils.encode(np.asfortranarray(o["mask"].astype(np.uint8)))
-        rle["counts"] = rle["counts"].decode()
-        rec["regions"].append({"id": i, "entity": i, "box_xyxy": [0, 0, w, h], "det_score": 1.0, "mask_rle": rle,
+        (mask_rle,) = rle.encode(o["mask"][None])
+        rec["regions"].append({"id": i, "entity": i, "box_xyxy": [0, 0, w, h], "det_score": 1.0, "mask_rle": mask_rle,
                                "mask_score": 1.0, "area": int(o["mask"].sum()),
                                "verdict": {"accept": True, "reason": "exact (generated)", "judge": "generator",
                                            "prompt": "none"}})
@@ -103,12 +102,8 @@ def write_shard(path: str | Path, items: list[tuple[dict, bytes]]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tar.tmp")
-    with tarfile.open(tmp, "w") as tar:
-        for rec, data in items:
-            for name, payload in ((f"{rec['key']}.png", data), (f"{rec['key']}.json", json.dumps(rec).encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
+    shards.write_tar(tmp, (member for rec, data in items
+                           for member in shards.sample_members(rec["key"], "png", data, json.dumps(rec))))
     tmp.replace(path)
     return path
 

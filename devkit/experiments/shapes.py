@@ -54,8 +54,8 @@ def model_folder(work: Path, seed: int, st: ShapesSetting) -> Path:
 
 
 def _examples(work: Path, processor, seed: int, n: int, tag: str, with_questions: bool, query: str = "phrase"):
+    from devkit.experiments.shapes_scenes import scene_record, scenes, write_shard
     from stages.train.data import DataConfig, build_example, iter_shard_samples
-    from stages.train.shapes import scene_record, scenes, write_shard
 
     rng = np.random.default_rng(seed + 1000)
     items, masks = [], []
@@ -124,7 +124,7 @@ def run_one(work: Path, seed: int, lam: float, st: ShapesSetting, data=None) -> 
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArguments
 
-    from pipeline.tiny_vlms import write_tiny_vlm
+    from devkit.tiny_vlms import write_tiny_vlm
     from stages.train.attention import AttentionCapture
     from stages.train.data import Collator
     from stages.train.readout import score_split
@@ -211,7 +211,7 @@ def _run_shapes(work: Path, seeds, st: ShapesSetting) -> list[dict]:
             if data is None:
                 from transformers import AutoProcessor
 
-                from pipeline.tiny_vlms import write_tiny_vlm
+                from devkit.tiny_vlms import write_tiny_vlm
 
                 folder = write_tiny_vlm(model_folder(work, seed, st), "llava", image_size=st.image_size,
                                         patch_size=st.patch_size, hidden_size=st.hidden, num_layers=st.num_layers,

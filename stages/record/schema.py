@@ -1,4 +1,7 @@
-"""The sample record: the schema every stage reads and writes (DESIGN.md, "Sample in a shard").
+"""The sample record: the schema every stage reads and writes (docs/schema.md).
+
+Re-exported by :mod:`stages.record`; the shard files are :mod:`stages.record.shards`, the masks
+:mod:`stages.record.rle`.
 
 A record is a JSON-ready dict. Between stages it travels as a JSON string in the ``record``
 column of a columnar batch so that Arrow never has to infer a schema for the ragged
@@ -15,7 +18,7 @@ entities/regions lists. The other columns are:
 ``record``   the sample record as JSON text
 ``item``     the source item as JSON text (what the reader was given; kept for rejected/)
 ``log``      JSON list of adjudication log rows for this sample (filled by adjudicate)
-``times``    JSON ``{stage: seconds}`` this row spent in each stage (filled by the runner)
+``times``    JSON ``{stage: seconds}`` this row spent in each stage (filled by the stage base)
 
 Stage conventions
 -----------------
@@ -36,14 +39,38 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from importlib import metadata
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
 SCHEMA_VERSION = 1
-PIPELINE_VERSION = "0.1.0"
+
+
+def _pipeline_version() -> str:
+    """The package version (pyproject.toml is its one source): from the installed metadata, or
+    from pyproject.toml itself when the tree runs uninstalled."""
+    try:
+        return metadata.version("look-and-learn")
+    except metadata.PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+        text = pyproject.read_text(encoding="utf-8") if pyproject.is_file() else ""
+        found = re.search(r'(?m)^version\s*=\s*"([^"]+)"', text)
+        return found.group(1) if found else "unknown"
+
+
+PIPELINE_VERSION = _pipeline_version()
 
 ENTITY_STATUSES = ("grounded", "rejected", "ungrounded", "skipped")
+# Stored image members ``{key}.{ext}`` (``ext`` column), in the order a reader prefers them.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+# Conversation speakers. Inputs write a turn's speaker as ``from`` (LLaVA) or ``role`` (OpenAI
+# style), in any case; :func:`speaker` reads either. Only assistant turns describe the image:
+# human turns are questions whose noun phrases may not even be in the picture.
+ASSISTANT_ROLES = ("gpt", "assistant")
+KNOWN_ROLES = ("human", "user", "system") + ASSISTANT_ROLES
 ROW_OK = "ok"
 ROW_REJECTED = "rejected"
 
@@ -94,6 +121,33 @@ def entity_text(record: dict, entity: dict) -> str:
     if entity.get("turn") is None:
         return text["caption"]
     return text["conversations"][entity["turn"]]["value"]
+
+
+def is_accepted(region: dict) -> bool:
+    """Whether the judge accepted the region (its ``verdict``)."""
+    return bool((region.get("verdict") or {}).get("accept"))
+
+
+def accepted_regions(record: dict, entity: dict) -> list[dict]:
+    """The regions an entity lists (``entity["regions"]``) that the judge accepted, in that order."""
+    regions = {r["id"]: r for r in record.get("regions", [])}
+    listed = (regions.get(rid) for rid in entity.get("regions") or [])
+    return [r for r in listed if r is not None and is_accepted(r)]
+
+
+def speaker(turn: Any) -> str | None:
+    """The speaker of a conversation turn, lower case (``from`` or ``role``); None when absent."""
+    if not isinstance(turn, dict):
+        return None
+    role = turn.get("from", turn.get("role"))
+    return role.lower() if isinstance(role, str) else None
+
+
+def assistant_turns(conversations: Any) -> list[tuple[int, dict]]:
+    """``(index, turn)`` of the assistant turns of a conversation (the turns whose text is parsed)."""
+    if not isinstance(conversations, list):
+        return []
+    return [(i, turn) for i, turn in enumerate(conversations) if speaker(turn) in ASSISTANT_ROLES]
 
 
 def dumps(record: dict) -> str:
@@ -152,7 +206,7 @@ def check_record(record: dict) -> list[str]:
         if ent["status"] not in ENTITY_STATUSES:
             problems.append(f"entity {ent['id']}: unknown status {ent['status']!r}")
         own = [r for r in record["regions"] if r["entity"] == ent["id"]]
-        accepted = [r for r in own if (r.get("verdict") or {}).get("accept")]
+        accepted = [r for r in own if is_accepted(r)]
         if set(ent.get("regions", [])) != {r["id"] for r in accepted}:
             problems.append(f"entity {ent['id']}: regions list != accepted regions")
         expected = ("skipped" if ent["status"] == "skipped" else
