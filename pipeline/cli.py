@@ -1,9 +1,10 @@
 """``lookandlearn`` command line (also ``python -m pipeline``).
 
 Exit codes: 0 success, 1 run failed, 2 bad manifest or arguments (the message
-names the field). One handler per command (``_COMMANDS``), all run through one error wrapper
-(:func:`_run`). The developer tools (``devkit``: tiny-models, sample-data, experiment, train's
-``model.tiny_if_missing``) are imported lazily inside those handlers only; a production run never loads them.
+names the field), 130 interrupted (Ctrl-C: one line; rerunning a build resumes it). One handler
+per command (``_COMMANDS``), all run through one error wrapper (:func:`_run`). The developer tools
+(``devkit``: tiny-models, sample-data, experiment, train's ``model.tiny_if_missing``) are imported
+lazily inside those handlers only; a production run never loads them.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 
 class BadArguments(ValueError):
@@ -148,6 +150,11 @@ def _run(name: str, handler, args) -> int:
     show a Hub token."""
     try:
         return handler(args)
+    except KeyboardInterrupt:
+        # Ctrl-C: one line, not the traceback of wherever the run was
+        print("interrupted; rerun the same command to resume: complete shards are kept" if name == "build"
+              else f"{name}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 — say why in one line, details at -v
         if _bad_input(name, exc):
             print(f"error: {_no_secrets(str(exc))}", file=sys.stderr)

@@ -1,8 +1,8 @@
 """``lookandlearn inspect OUT --html FILE``: one self-contained HTML page to look at samples.
 
 Everything is inside the file (no network, no external resources): each sample's image is a
-downscaled JPEG data URI; each candidate region's mask is a small PNG data URI (rendered here
-with pycocotools + PIL at display size, coloured by verdict: accepted green, rejected red)
+downscaled JPEG data URI; each candidate region's mask is a small PNG data URI (decoded by
+stages/record/rle.py, drawn with PIL at display size, coloured by verdict: accepted green, rejected red)
 stacked over the image with CSS opacity; boxes are drawn as SVG. The samples are one JSON blob
 that a small script pages through client-side (24 per page), so the browser decodes only the
 images of the page on screen. Filters: entity status checkboxes and a phrase/root text filter.
@@ -17,14 +17,14 @@ import html
 import io
 import json
 import re
-import warnings
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from stages.record import ENTITY_STATUSES
+from stages.record import ENTITY_STATUSES, speaker
+from stages.record import rle as rle_codec
 from stages.record.shards import iter_records, shard_files
 
 ACCEPT_RGB = (34, 197, 94)
@@ -53,19 +53,10 @@ def _image_uri(image: bytes, size: tuple[int, int], quality: int) -> str:
 
 def _mask_uri(rle: dict, size: tuple[int, int], rgb: tuple[int, int, int]) -> str | None:
     """A 1-bit palette PNG (transparent outside, ``rgb`` inside) at display size."""
-    from pycocotools import mask as mask_utils
-
     try:
-        rle = dict(rle)
-        if isinstance(rle.get("counts"), str):
-            rle["counts"] = rle["counts"].encode("ascii")
-        with warnings.catch_warnings():  # pycocotools' own numpy-2 DeprecationWarning, once per mask
-            warnings.simplefilter("ignore", DeprecationWarning)
-            mask = mask_utils.decode(rle)
+        mask = rle_codec.decode(rle)
     except Exception:  # noqa: BLE001 — a broken mask must not stop the page; the region shows without one
         return None
-    if mask.ndim == 3:
-        mask = mask[..., 0]
     im = Image.fromarray((mask > 0).astype(np.uint8) * 255, mode="L")
     if im.size != size:
         im = im.resize(size, Image.Resampling.BILINEAR)
@@ -79,7 +70,7 @@ def _mask_uri(rle: dict, size: tuple[int, int], rgb: tuple[int, int, int]) -> st
 def _text_blocks(record: dict) -> list[dict]:
     text = record.get("text", {})
     if "conversations" in text:
-        return [{"turn": i, "label": str(t.get("from", "")), "text": str(t.get("value", ""))}
+        return [{"turn": i, "label": str(speaker(t) or ""), "text": str(t.get("value", ""))}
                 for i, t in enumerate(text["conversations"])]
     return [{"turn": None, "label": "caption", "text": str(text.get("caption", ""))}]
 

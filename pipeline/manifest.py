@@ -30,6 +30,9 @@ class InputConfig(_Section):
     format: Literal["jsonl", "llava", "coco-captions", "webdataset"] = "jsonl"
     path: str = Field(..., description="input file (jsonl/llava/coco annotations) or shard pattern/folder (webdataset)")
     image_root: str | None = Field(None, description="folder image paths are relative to (default: the input file's folder)")
+    allow_outside_image_root: bool = Field(
+        False, description="read image paths that resolve (symlinks followed) outside image_root; default: such "
+                           "samples are rejected with 'outside_image_root: <path>'")
     limit: int | None = Field(None, ge=1, description="use only the first N inputs")
     dataset: str | None = Field(None, description="source dataset name recorded in every sample (default: manifest name)")
 
@@ -121,16 +124,54 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_manifest(path: str | Path, overrides: list[str] | None = None, out: str | None = None) -> Manifest:
+class _ManifestLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases (a billion-laughs file would eat memory without limit)
+    and duplicate keys (YAML keeps the last one silently)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ManifestError(f"YAML aliases are not allowed (*{event.anchor} at line "
+                                f"{event.start_mark.line + 1}); write the value out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise ManifestError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}")
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_manifest_yaml(path: str | Path) -> dict:
+    """A manifest file as a dict (build and train manifests): UTF-8 YAML, a mapping at the top,
+    no aliases, no duplicate keys; anything else is a :class:`ManifestError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"manifest {path} is not UTF-8 text (byte {exc.start}): is it a YAML file?") from None
+    except OSError as exc:
+        raise ManifestError(f"manifest {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.load(text, Loader=_ManifestLoader) or {}  # noqa: S506 — a SafeLoader subclass
+    except ManifestError as exc:
+        raise ManifestError(f"manifest {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ManifestError(f"manifest {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ManifestError(f"manifest {path} must be a mapping at the top level")
+    return data
+
+
+def load_manifest(path: str | Path, overrides: list[str] | None = None, out: str | None = None) -> Manifest:
+    path = Path(path)
+    data = read_manifest_yaml(path)
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(data, key, value)

@@ -58,10 +58,21 @@ class Plan:
     @property
     def ignore_patterns(self) -> list[str]:
         """For the Hub uploader: with :data:`INCLUDE` as allow patterns, selects exactly ``files``."""
-        return [".*", "*/.*", *self.excludes]
+        # The uploader's globs let ``*`` cross ``/``; no INCLUDE pattern has two ``/``, so
+        # ``*/*/*`` keeps out nested folders (e.g. an earlier ``publish --to OUT/shards/copy``).
+        return [".*", "*/.*", "*/*/*", *self.excludes]
+
+
+def _glob(rel: str, pattern: str) -> bool:
+    """``fnmatch`` one path segment at a time: ``*`` never matches ``/`` (``shards/*.tar`` is not
+    ``shards/copy/x.tar``)."""
+    parts, globs = rel.split("/"), pattern.split("/")
+    return len(parts) == len(globs) and all(fnmatch.fnmatchcase(a, g) for a, g in zip(parts, globs))
 
 
 def _matches(rel: str, patterns) -> bool:
+    """``--exclude`` patterns: as the Hub uploader applies them (``*`` crosses ``/``, so
+    ``*.parquet`` leaves out every parquet file)."""
     return any(fnmatch.fnmatchcase(rel, p) for p in patterns)
 
 
@@ -86,7 +97,7 @@ def plan(out: str | Path, exclude: list[str] | None = None) -> Plan:
     for pattern in INCLUDE:
         for rel in everything:
             name = rel.rsplit("/", 1)[-1]
-            if fnmatch.fnmatchcase(rel, pattern) and not name.startswith(".") and not _matches(rel, excludes):
+            if _glob(rel, pattern) and not name.startswith(".") and not _matches(rel, excludes):
                 files.append((rel, (out / rel).stat().st_size))
     for rel in ["README.md", *(f"shards/{f['tar'].name}" for f in complete.values())]:
         if _matches(rel, excludes):
@@ -99,7 +110,7 @@ def plan(out: str | Path, exclude: list[str] | None = None) -> Plan:
 
 
 def _pattern_of(rel: str) -> str:
-    return next(p for p in INCLUDE if fnmatch.fnmatchcase(rel, p))
+    return next(p for p in INCLUDE if _glob(rel, p))
 
 
 def human(n: int) -> str:

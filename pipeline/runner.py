@@ -25,7 +25,7 @@ import yaml
 from tqdm import tqdm
 
 from pipeline import __version__
-from pipeline.manifest import Manifest, ManifestError, manifest_to_dict
+from pipeline.manifest import InputConfig, Manifest, ManifestError, manifest_to_dict
 from stages.adjudicate import AdjudicateStage
 from stages.base import Stage, run_stages
 from stages.ground_segment import GroundAndSegment, PrepareStage
@@ -108,7 +108,14 @@ def check_output_matches(out: Path, manifest: Manifest) -> None:
     previous = out / "manifest.resolved.yaml"
     if not previous.exists():
         return
-    old = _layout(yaml.safe_load(previous.read_text()) or {})
+    data = yaml.safe_load(previous.read_text()) or {}
+    if isinstance(data.get("input"), dict):
+        # fields added to input: since that build was made take their defaults, as they did then
+        try:
+            data["input"] = InputConfig.model_validate(data["input"]).model_dump(mode="json")
+        except ValueError:
+            pass  # not a valid input section: compared as it is, so it differs
+    old = _layout(data)
     new = _layout(manifest_to_dict(manifest))
     if old != new:
         changed = [k for k in new if old.get(k) != new.get(k)]
@@ -123,6 +130,29 @@ def check_models(manifest: Manifest) -> None:
 
     check_model_available(manifest.detect.model, manifest.detect.revision, "detect.model")
     check_model_available(manifest.segment.model, manifest.segment.revision, "segment.model")
+
+
+def check_cluster_fits(stages: list[Stage], cluster: dict, use_gpu: bool) -> None:
+    """Refuse model actor pools the Ray cluster cannot hold (``cluster``: ``ray.cluster_resources()``):
+    Ray would wait for them forever, or fail in its own words. One model copy per actor, at most
+    one actor per CPU, ``memory_mb`` of host memory and (with GPUs) ``gpus`` of a GPU each."""
+    cpus, gpus, memory = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0), cluster.get("memory", 0.0)
+    for stage in stages:
+        res = stage.resources
+        if res.kind != "model":
+            continue
+        limits = {"CPUs": int(cpus)}
+        if res.memory_mb:
+            limits[f"{res.memory_mb} MB of memory each (runtime.model_memory_mb)"] = int(memory // (res.memory_mb * _MB))
+        if use_gpu and res.gpus:
+            limits[f"{res.gpus:g} GPU each (runtime.actors_per_gpu)"] = int(gpus / res.gpus + 1e-9)
+        most = min(limits.values())
+        if res.workers > most:
+            raise ManifestError(
+                f"runtime.model_workers={res.workers}: the Ray cluster has {cpus:g} CPUs, {gpus:g} GPUs and "
+                f"{memory / 1024 ** 3:.1f} GB of memory for the {stage.name} actors (one model copy each, "
+                f"limited by: {', '.join(limits)}); set runtime.model_workers to at most {max(most, 1)}"
+                + ("" if most >= 1 else ", and lower runtime.model_memory_mb or give the cluster more"))
 
 
 def plan(manifest: Manifest, writer) -> tuple[list[dict], dict[int, int], int]:
@@ -182,6 +212,7 @@ def _execute_ray(manifest: Manifest, rows: list[dict]):
         gpus = ray.cluster_resources().get("GPU", 0)
         cpus = ray.cluster_resources().get("CPU", 1)
         use_gpu = gpus >= 1 and runtime.device != "cpu"
+        check_cluster_fits(build_stages(manifest), ray.cluster_resources(), use_gpu)
         ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // runtime.cpu_batch_size))
         for index, stage in enumerate(build_stages(manifest)):
             res = stage.resources
@@ -227,10 +258,11 @@ def build(manifest: Manifest, progress: bool = True) -> dict:
 
         prompt = load_prompt(manifest.adjudicate.prompt)
         extra.update(judge_model=manifest.adjudicate.model, judge_prompt=prompt.name, judge_prompt_hash=prompt.hash)
-    resolved = write_resolved_manifest(out, manifest, extra)
-
     started = time.perf_counter()
+    # the inputs are listed before manifest.resolved.yaml is written: a missing input must not leave
+    # a record that refuses the rerun with the path fixed ("a build with different input")
     pending, expected, skipped = plan(manifest, writer)
+    resolved = write_resolved_manifest(out, manifest, extra)
     log.info("%d shards to build, %d already complete", len(expected), skipped)
     rows = _input_rows(pending)
     buffers: dict[int, list[dict]] = defaultdict(list)

@@ -4,15 +4,17 @@
 JSON list, COCO caption annotations, or WebDataset tar *headers*) and returns one JSON-ready item
 per sample, in input order, with its ``seq``, ``shard`` and key fixed before any work is done.
 Nothing here decodes an image. Problems with one sample (a bad JSON line, an empty caption, a
-duplicate id) become a ``precheck`` reason on that item so that the read stage
-(:class:`stages.read.ReadStage`) rejects it into ``rejected/``; only an unusable input as a whole
-(missing file, not JSON at all) raises :class:`SourceError`.
+duplicate id, an image path that resolves outside ``input.image_root``) become a ``precheck``
+reason on that item so that the read stage (:class:`stages.read.ReadStage`) rejects it into
+``rejected/``; only an unusable input as a whole (missing file, not JSON at all) raises
+:class:`SourceError`. Text is cleaned as it is read (lone surrogates -> U+FFFD, NULs removed).
 
 Item shape (what :func:`list_items` returns, and what travels JSON-encoded in ``item``)::
 
     {"seq": 0, "shard": 0, "key": "sample-img001",
      "source": {"dataset": "sample", "id": "img001"},
-     "image_ref": {"path": "/abs/img.jpg"}            # or {"tar", "member", "offset", "size"}
+     "image_ref": {"path": "/abs/img.jpg",            # or {"tar", "member", "offset", "size"}
+                   "root": "/real/image/root"}        # (absent with input.allow_outside_image_root)
      "text": {"caption": "..."}                        # or {"conversations": [...]}
      "precheck": None}                                 # or "reason: detail"
 """
@@ -27,7 +29,7 @@ from typing import Any, Iterator
 
 
 from pipeline.manifest import ManifestError
-from stages.read import READ_REASONS
+from stages.read import READ_REASONS, inside_root
 from stages.record import ASSISTANT_ROLES, IMAGE_EXTS, KNOWN_ROLES, make_key, sanitize_key, speaker
 from stages.record.shards import shard_paths
 
@@ -35,10 +37,12 @@ from stages.record.shards import shard_paths
 REJECT_REASONS = (
     # list_items (precheck)
     "bad_json", "bad_item", "bad_tar", "missing_image", "missing_caption", "empty_caption",
-    "caption_not_text", "bad_conversation", "no_assistant_turn", "duplicate_id",
-) + tuple(r for r in READ_REASONS if r not in ("bad_item", "missing_image"))
+    "caption_not_text", "bad_conversation", "no_assistant_turn", "duplicate_id", "outside_image_root",
+) + tuple(r for r in READ_REASONS if r not in ("bad_item", "missing_image", "outside_image_root"))
 
 _MAX_TEXT_MEMBER = 16 * 1024 * 1024                   # bigger .txt/.json tar members are not captions
+_MAX_TEXT_DEPTH = 100                                 # deeper id/caption/conversations nesting is bad_json
+_BAD_CHARS = re.compile("[\ud800-\udfff\x00]")       # lone surrogates (a JSON "\\ud800") and NULs
 
 
 class SourceError(ManifestError, FileNotFoundError):
@@ -127,35 +131,70 @@ def _input_file(cfg) -> Path:
     return path
 
 
-def _image_root(cfg, input_file: Path) -> Path:
-    if cfg.image_root is None:
-        return input_file.parent.absolute()
-    root = Path(cfg.image_root)
-    if not root.is_dir():
+def _image_root(cfg, input_file: Path) -> tuple[Path, str | None]:
+    """The image folder, and its real (symlink-free) path that every image path must resolve
+    inside (None with ``input.allow_outside_image_root``)."""
+    root = input_file.parent if cfg.image_root is None else Path(cfg.image_root)
+    if cfg.image_root is not None and not root.is_dir():
         raise SourceError(f"input.image_root: folder {str(root)!r} does not exist")
-    return root.absolute()
+    return root.absolute(), None if cfg.allow_outside_image_root else os.path.realpath(root)
 
 
-def _image_ref(root: Path, image: Any) -> tuple[dict | None, str | None]:
-    """``{"path": abs}`` for an image field, or a precheck reason when the field is unusable."""
+def _image_ref(root: Path, image: Any, confine: str | None = None) -> tuple[dict | None, str | None]:
+    """``{"path": abs, "root": real root}`` for an image field, or a precheck reason when the field
+    is unusable or (``confine`` set) the path resolves outside the image root."""
     if isinstance(image, list) and len(image) == 1:
         image = image[0]
     if isinstance(image, list):
         return None, f"missing_image: {len(image)} images in one sample are not supported"
     if not isinstance(image, str) or not image.strip():
         return None, "missing_image: no image path in the item"
-    return {"path": os.path.normpath(os.path.join(root, image))}, None
+    path = os.path.normpath(os.path.join(root, image))
+    if confine is None:
+        return {"path": path}, None
+    if not inside_root(path, confine):
+        return None, f"outside_image_root: {image if len(image) <= 300 else image[:297] + '...'}"
+    return {"path": path, "root": confine}, None
 
 
 def _load_json_file(path: Path, cfg) -> Any:
     try:
         with open(path, "rb") as fh:
             return json.load(fh)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"input.path: {str(path)!r} is not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:            # JSONDecodeError, UnicodeDecodeError
+        raise SourceError(f"input.path: {str(path)!r} is not valid JSON ({_exc_text(exc)})") from None
 
 
-# --- text checks -------------------------------------------------------------------------
+# --- text cleaning and checks ------------------------------------------------------------
+
+class _TooDeep(ValueError):
+    """Text fields nested deeper than _MAX_TEXT_DEPTH (a bad_json line, not a crash later)."""
+
+
+def _clean(value: Any, depth: int = 0) -> Any:
+    """Strings made safe to encode: lone surrogates become U+FFFD, NULs are removed; lists and
+    dicts are walked (deeper than _MAX_TEXT_DEPTH raises _TooDeep). Ordinary text is unchanged."""
+    if isinstance(value, str):
+        if _BAD_CHARS.search(value) is None:
+            return value
+        return _BAD_CHARS.sub(lambda m: "" if m.group() == "\x00" else "\ufffd", value)
+    if depth >= _MAX_TEXT_DEPTH and isinstance(value, (list, dict)):
+        raise _TooDeep(f"nested deeper than {_MAX_TEXT_DEPTH} levels")
+    if isinstance(value, list):
+        return [_clean(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {_clean(k, depth + 1): _clean(v, depth + 1) for k, v in value.items()}
+    return value
+
+
+def _clean_str(value: Any) -> Any:
+    return _clean(value) if isinstance(value, str) else value
+
+
+def _clean_fields(obj: dict, names: tuple = ("id", "image", "caption", "conversations")) -> dict:
+    """``obj`` with the fields an item carries cleaned (:func:`_clean`); may raise _TooDeep."""
+    return {**obj, **{name: _clean(obj[name]) for name in names if name in obj}}
+
 
 def _check_caption(caption: Any) -> str | None:
     if caption is None:
@@ -202,7 +241,7 @@ def _text_and_check(obj: dict) -> tuple[dict, str | None]:
 def _jsonl_entries(cfg) -> Iterator[dict]:
     """``{"id", "image", "caption"}`` per line; blank lines are skipped, bad lines become items."""
     path = _input_file(cfg)
-    root = _image_root(cfg, path)
+    root, confine = _image_root(cfg, path)
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             if not raw.strip():
@@ -210,8 +249,10 @@ def _jsonl_entries(cfg) -> Iterator[dict]:
             line_id = f"line{lineno}"
             try:
                 obj = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                yield _entry(line_id, None, {"caption": ""}, f"bad_json: line {lineno}: {exc}",
+                if isinstance(obj, dict):
+                    obj = _clean_fields(obj)
+            except (ValueError, RecursionError) as exc:   # JSONDecodeError, UnicodeDecodeError, _TooDeep
+                yield _entry(line_id, None, {"caption": ""}, f"bad_json: line {lineno}: {_exc_text(exc)}",
                              identity=("line", lineno))
                 continue
             if not isinstance(obj, dict):
@@ -219,15 +260,22 @@ def _jsonl_entries(cfg) -> Iterator[dict]:
                              f"bad_item: line {lineno} is a {type(obj).__name__}, not an object",
                              identity=("line", lineno))
                 continue
-            yield _object_entry(obj, root, fallback_id=line_id)
+            yield _object_entry(obj, root, fallback_id=line_id, confine=confine)
 
 
-def _object_entry(obj: dict, root: Path, fallback_id: str) -> dict:
+def _exc_text(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deep to parse"
+    text = str(exc)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _object_entry(obj: dict, root: Path, fallback_id: str, confine: str | None = None) -> dict:
     """Entry for one ``{"id", "image", "caption" | "conversations"}`` object (jsonl and llava)."""
     source_id = obj.get("id")
     if source_id is None or isinstance(source_id, (dict, list)) or str(source_id).strip() == "":
         source_id = fallback_id
-    image_ref, bad_image = _image_ref(root, obj.get("image"))
+    image_ref, bad_image = _image_ref(root, obj.get("image"), confine)
     text, bad_text = _text_and_check(obj)
     return _entry(source_id, image_ref, text, bad_image or bad_text)
 
@@ -237,7 +285,7 @@ def _object_entry(obj: dict, root: Path, fallback_id: str) -> dict:
 def _llava_entries(cfg) -> Iterator[dict]:
     """A JSON list of ``{"id", "image", "conversations"}``; text-only items get a precheck."""
     path = _input_file(cfg)
-    root = _image_root(cfg, path)
+    root, confine = _image_root(cfg, path)
     data = _load_json_file(path, cfg)
     if not isinstance(data, list):
         raise SourceError(f"input.path: LLaVA input {str(path)!r} must be a JSON list, "
@@ -248,9 +296,15 @@ def _llava_entries(cfg) -> Iterator[dict]:
                          f"bad_item: item {index} is a {type(obj).__name__}, not an object",
                          identity=("index", index))
             continue
+        try:
+            obj = _clean_fields(obj)
+        except _TooDeep as exc:
+            yield _entry(f"item{index}", None, {"conversations": []}, f"bad_json: item {index}: {exc}",
+                         identity=("index", index))
+            continue
         if "conversations" not in obj:
             obj = {**obj, "conversations": None}
-        yield _object_entry(obj, root, fallback_id=f"item{index}")
+        yield _object_entry(obj, root, fallback_id=f"item{index}", confine=confine)
 
 
 # --- coco-captions -----------------------------------------------------------------------
@@ -258,7 +312,7 @@ def _llava_entries(cfg) -> Iterator[dict]:
 def _coco_entries(cfg) -> Iterator[dict]:
     """COCO caption annotations: one sample per caption, keyed by image id + annotation id."""
     path = _input_file(cfg)
-    root = _image_root(cfg, path)
+    root, confine = _image_root(cfg, path)
     data = _load_json_file(path, cfg)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("annotations"), list):
@@ -267,20 +321,20 @@ def _coco_entries(cfg) -> Iterator[dict]:
     files = {}
     for img in data["images"]:
         if isinstance(img, dict) and "id" in img:
-            files.setdefault(str(img["id"]), img.get("file_name"))
+            files.setdefault(_clean(str(img["id"])), img.get("file_name"))
     for index, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
             yield _entry(f"annotation{index}", None, {"caption": ""},
                          f"bad_item: annotation {index} is a {type(ann).__name__}, not an object",
                          identity=("index", index))
             continue
-        image_id = str(ann.get("image_id"))
-        ann_id = str(ann.get("id", f"a{index}"))
+        image_id = _clean(str(ann.get("image_id")))
+        ann_id = _clean(str(ann.get("id", f"a{index}")))
         if image_id in files:
-            image_ref, bad_image = _image_ref(root, files[image_id])
+            image_ref, bad_image = _image_ref(root, _clean_str(files[image_id]), confine)
         else:
             image_ref, bad_image = None, f"missing_image: image_id {image_id} is not in 'images'"
-        caption = ann.get("caption")
+        caption = _clean_str(ann.get("caption"))
         yield _entry(image_id, image_ref, {"caption": caption}, bad_image or _check_caption(caption),
                      key_parts=(image_id, ann_id), identity=("ann", image_id, ann_id),
                      source_extra={"annotation_id": ann_id})
@@ -354,7 +408,7 @@ def _wds_sample(tf: tarfile.TarFile, tar_path: Path, key: str, members: dict, se
         if seekable:
             image_ref.update(offset=m.offset_data, size=m.size)
     text, bad_text = _wds_text(tf, members)
-    return _entry(key, image_ref, text, bad_image or bad_text)
+    return _entry(_clean(key), image_ref, text, bad_image or bad_text)
 
 
 def _wds_text(tf: tarfile.TarFile, members: dict) -> tuple[dict, str | None]:
@@ -364,8 +418,10 @@ def _wds_text(tf: tarfile.TarFile, members: dict) -> tuple[dict, str | None]:
         raw = _read_member(tf, members["json"])
         try:
             obj = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
-            return {"caption": ""}, f"bad_json: {members['json'].name}: {exc}"
+            if isinstance(obj, dict):
+                obj = _clean_fields(obj, ("caption", "conversations"))
+        except (ValueError, TypeError, RecursionError) as exc:   # JSONDecodeError, UnicodeDecodeError, _TooDeep
+            return {"caption": ""}, f"bad_json: {members['json'].name}: {_exc_text(exc)}"
         if not isinstance(obj, dict):
             return {"caption": ""}, f"bad_item: {members['json'].name} is not an object"
         if "conversations" in obj:
@@ -373,7 +429,7 @@ def _wds_text(tf: tarfile.TarFile, members: dict) -> tuple[dict, str | None]:
     if "txt" in members:
         raw = _read_member(tf, members["txt"])
         try:
-            caption = raw.decode("utf-8") if raw is not None else None
+            caption = _clean(raw.decode("utf-8")) if raw is not None else None
         except UnicodeDecodeError:
             return {"caption": ""}, f"caption_not_text: {members['txt'].name} is not UTF-8"
         return {"caption": caption}, _check_caption(caption)

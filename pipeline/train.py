@@ -9,10 +9,9 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.manifest import ManifestError, _format_error, _set_dotted, parse_override
+from pipeline.manifest import ManifestError, _format_error, _set_dotted, parse_override, read_manifest_yaml
 
 log = logging.getLogger("lookandlearn.train")
 
@@ -82,9 +81,7 @@ class TrainManifest(_S):
 
 def load_train_manifest(path: str | Path, overrides: list[str] | None = None) -> TrainManifest:
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"manifest not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_manifest_yaml(path)
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(data, key, value)

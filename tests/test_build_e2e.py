@@ -269,3 +269,20 @@ def test_ray_read_webdataset_reads_shards(local_out):
     assert sorted(r["__key__"] for r in rows) == sorted(records)
     row = rows[0]
     assert json.loads(row["json"])["key"] == row["__key__"]
+
+
+def test_cli_sigint_is_one_line_and_exit_130(tmp_path, module_overrides):
+    out = tmp_path / "interrupted"
+    sets = module_overrides + ["output.samples_per_shard=2", "runtime.cpu_batch_size=2", "runtime.executor=local"]
+    proc = _cli(["build", str(SAMPLE), "--out", str(out), "--no-progress"] + [x for s in sets for x in ("--set", s)])
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list((out / "shards").glob("*.tar")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the build finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    text = err.decode()
+    assert proc.returncode == 130, text[-3000:]
+    assert "Traceback" not in text
+    assert text.strip().splitlines()[-1] == "interrupted; rerun the same command to resume: complete shards are kept"
+    assert list((out / "shards").glob("*.tar"))

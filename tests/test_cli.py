@@ -71,3 +71,35 @@ def test_wrapper_exit_codes_and_no_secrets(capsys, monkeypatch):
 def test_inspect_rejects_bad_numbers(tmp_path, capsys):
     assert main(["inspect", str(tmp_path), "--per-page", "0"]) == EXIT_BAD_INPUT
     assert capsys.readouterr().err.strip() == "error: --per-page must be >= 1"
+
+
+SAMPLE = Path(__file__).resolve().parents[1] / "manifests" / "sample.yaml"
+
+
+def _build_args(out, sets):
+    return ["build", str(SAMPLE), "--out", str(out), "--no-progress", *[x for s in sets for x in ("--set", s)]]
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_build_missing_input_is_exit_2(tmp_path, capsys, sample_manifest_args, executor):
+    sets = [s for s in sample_manifest_args if not s.startswith("input.path=")]
+    sets += [f"input.path={tmp_path / 'nope.jsonl'}", f"runtime.executor={executor}"]
+    assert main(_build_args(tmp_path / "o", sets)) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "input.path" in err and "nope.jsonl" in err and "does not exist" in err
+    # nothing recorded that would refuse the rerun with the path fixed ("different input")
+    assert not (tmp_path / "o" / "manifest.resolved.yaml").exists()
+
+
+def test_build_changed_shard_size_on_rerun_is_exit_2(tmp_path, capsys):
+    import yaml
+
+    from pipeline.manifest import load_manifest, manifest_to_dict
+
+    out = tmp_path / "o"
+    out.mkdir()
+    previous = manifest_to_dict(load_manifest(SAMPLE, out=str(out)))
+    (out / "manifest.resolved.yaml").write_text(yaml.safe_dump(previous))
+    assert main(_build_args(out, ["output.samples_per_shard=3"])) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "output.samples_per_shard" in err and err.count("\n") == 1

@@ -68,3 +68,54 @@ def test_override_syntax_errors():
 def test_missing_manifest_file(tmp_path):
     with pytest.raises(ManifestError, match="not found"):
         load_manifest(tmp_path / "nope.yaml")
+
+
+# --- hostile or broken YAML (issue 9): refused with the file's name, never a traceback ---------
+
+_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n" \
+          "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nname: x\ninput: {path: a}\n"
+
+
+@pytest.mark.parametrize("loader", ["build", "train"])
+def test_yaml_aliases_are_refused(tmp_path, loader):
+    from pipeline.train import load_train_manifest
+
+    path = _write(tmp_path, _LAUGHS)
+    load = load_manifest if loader == "build" else load_train_manifest
+    with pytest.raises(ManifestError) as err:
+        load(path)
+    assert "YAML aliases are not allowed" in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("loader", ["build", "train"])
+@pytest.mark.parametrize("payload", [b"\x00\x01\x02\xff\xfe binary", "name: caf\xe9\n".encode("latin-1")])
+def test_binary_or_non_utf8_manifest(tmp_path, loader, payload):
+    from pipeline.train import load_train_manifest
+
+    path = tmp_path / "m.yaml"
+    path.write_bytes(payload)
+    load = load_manifest if loader == "build" else load_train_manifest
+    with pytest.raises(ManifestError) as err:
+        load(path)
+    assert str(path) in str(err.value) and "UTF-8" in str(err.value)
+
+
+@pytest.mark.parametrize("loader", ["build", "train"])
+def test_duplicate_keys_name_the_key_and_line(tmp_path, loader):
+    from pipeline.train import load_train_manifest
+
+    path = _write(tmp_path, "name: x\ninput: {path: a}\ndetect:\n  box_threshold: 0.3\n  box_threshold: 0.4\n")
+    load = load_manifest if loader == "build" else load_train_manifest
+    with pytest.raises(ManifestError) as err:
+        load(path)
+    message = str(err.value)
+    assert "duplicate key 'box_threshold'" in message and "line 5" in message and str(path) in message
+
+
+def test_train_manifest_invalid_yaml_and_top_level(tmp_path):
+    from pipeline.train import load_train_manifest
+
+    with pytest.raises(ManifestError, match="not valid YAML"):
+        load_train_manifest(_write(tmp_path, "a: [unclosed\n"))
+    with pytest.raises(ManifestError, match="mapping"):
+        load_train_manifest(_write(tmp_path, "- a\n- b\n"))

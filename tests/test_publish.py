@@ -182,3 +182,25 @@ def test_refusals(out, tmp_path, capsys):
     assert "incomplete shard" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
     assert publish.safe_url("s3://KEY:SECRET@bucket/path?token=x") == "s3://bucket/path?…"
+
+
+def test_a_copy_inside_the_output_is_not_published_again(out, capsys):
+    """``*`` matches one path segment: ``shards/*.tar`` is not ``shards/copy/shards/x.tar``."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    assert main(["publish", str(out), "--to", str(out / "shards" / "copy")]) == 0
+    assert list((out / "shards" / "copy").rglob("*.tar"))
+    capsys.readouterr()
+    p = publish.plan(out)
+    planned = {rel: size for rel, size in p.files}
+    assert planned == _expected_files(out)
+    assert "shards/copy/README.md" in p.left_out
+    # the Hub uploader's own glob patterns select the very same files
+    everything = [q.relative_to(out).as_posix() for q in out.rglob("*") if q.is_file()]
+    selected = set(filter_repo_objects(everything, allow_patterns=list(publish.INCLUDE),
+                                       ignore_patterns=p.ignore_patterns))
+    assert selected == set(planned)
+    # and publishing again uploads each file once
+    assert main(["publish", str(out), "--to", str(out / "shards" / "copy"), "--dry-run"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert sorted(listed) == sorted(planned)

@@ -81,7 +81,7 @@ def test_jsonl_items_keys_order_and_shards(sample):
     first = items[0]
     assert first["key"] == "sample-scene-01"
     assert first["source"] == {"dataset": "sample", "id": "scene-01"}
-    assert first["image_ref"] == {"path": str(sample / "images" / "scene-01.jpg")}
+    assert first["image_ref"] == {"path": str(sample / "images" / "scene-01.jpg"), "root": os.path.realpath(sample)}
     assert first["text"] == {"caption": "a red circle above a small blue square"}
     assert first["precheck"] is None
     json.dumps(items)                                                 # JSON-ready
@@ -147,8 +147,11 @@ def test_duplicates_and_sanitize_collisions(tmp_path):
     assert [it["precheck"] for it in items[:3]] == [None, "duplicate_id: a", "duplicate_id: a"]
     assert items[3]["precheck"] is None and items[4]["precheck"] is None   # different ids, similar keys
     assert keys[3] == "sample-b-c" and keys[4] != keys[3]
-    assert items[5]["source"]["id"] == "7" and items[5]["image_ref"] == {"path": "/abs/x.jpg"}
-    assert items[0]["image_ref"] == {"path": str(tmp_path / "x.jpg")}
+    assert items[5]["source"]["id"] == "7" and items[5]["image_ref"] is None    # outside the image root
+    assert items[5]["precheck"] == "outside_image_root: /abs/x.jpg"
+    assert items[0]["image_ref"] == {"path": str(tmp_path / "x.jpg"), "root": os.path.realpath(tmp_path)}
+    allowed = list_items(make_manifest("jsonl", path, allow_outside_image_root=True))
+    assert allowed[5]["image_ref"] == {"path": "/abs/x.jpg"} and allowed[5]["precheck"] is None
 
 
 def test_jsonl_bad_lines_become_prechecks(tmp_path):

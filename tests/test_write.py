@@ -83,3 +83,39 @@ def test_shards_are_byte_reproducible(tmp_path):
     a.write_shard(0, [_ok_row(0, "t-a")])
     b.write_shard(0, [_ok_row(0, "t-a")])
     assert a.paths(0)["tar"].read_bytes() == b.paths(0)["tar"].read_bytes()
+
+
+@pytest.mark.parametrize("target", ["tar", "parquet"])
+def test_disk_full_names_the_file_and_leaves_no_temp_file(tmp_path, monkeypatch, target):
+    import errno
+
+    import stages.write as write_module
+
+    def full(path, *args, **kwargs):
+        open(path, "wb").write(b"half a file")  # the temp file exists when the disk fills
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if target == "tar":
+        monkeypatch.setattr(write_module, "write_tar", full)
+        name = "demo-000000.tar"
+    else:
+        monkeypatch.setattr(write_module.pq, "write_table", lambda table, path, *a, **k: full(path))
+        name = "000000.parquet"
+    writer = ShardWriter(tmp_path, "demo")
+    with pytest.raises(OSError) as err:
+        writer.write_shard(0, [_ok_row(0, "t-a")])
+    assert err.value.errno == errno.ENOSPC
+    assert name in str(err.value) and "No space left on device" in str(err.value)
+    assert not list(tmp_path.rglob(".*.tmp"))
+    assert not writer.is_complete(0)
+
+
+def test_leftover_temp_files_are_removed_when_a_writer_starts(tmp_path):
+    writer = ShardWriter(tmp_path, "demo")
+    writer.write_shard(0, [_ok_row(0, "t-a")])
+    leftovers = [p.with_name(f".{p.name}.tmp") for p in writer.paths(0).values()]
+    for p in leftovers:
+        p.write_bytes(b"from a killed run")
+    ShardWriter(tmp_path, "demo")
+    assert not any(p.exists() for p in leftovers)
+    assert writer.is_complete(0)

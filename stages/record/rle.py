@@ -1,7 +1,8 @@
 """Masks as COCO RLE, the one codec of the project (pycocotools).
 
-A stored mask is ``{"size": [H, W], "counts": str}`` (region ``mask_rle``, docs/schema.md); pycocotools is given ``counts`` as bytes and returns bytes, this module takes and gives
-``str`` (JSON-ready) and accepts either.
+A stored mask is ``{"size": [H, W], "counts": str}`` (region ``mask_rle``, docs/schema.md);
+pycocotools is given ``counts`` as bytes and returns bytes, this module takes and gives ``str``
+(JSON-ready) and accepts either.
 """
 from __future__ import annotations
 
