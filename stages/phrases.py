@@ -275,6 +275,22 @@ def _skip_reason(root, lemma: str) -> str | None:
     return None
 
 
+def _negation(root) -> str | None:
+    """``negated: <word>`` when the text says the thing is absent: "there is no dog", "a man
+    without a hat", "there is not a cloud", "he does not wear a helmet" (the phrase would make the
+    detector look for what the caption says is not there); None otherwise. A negated verb does not
+    negate its subject ("a dog is not running": the dog is there)."""
+    for child in root.lefts:
+        if child.dep_ == "det" and child.lower_ == "no":
+            return "negated: no"
+    head = root.head
+    if root.dep_ == "pobj" and head.lower_ == "without":
+        return "negated: without"
+    if root.dep_ in ("attr", "dobj") and any(c.dep_ == "neg" for c in head.children):
+        return "negated: " + next(c.lower_ for c in head.children if c.dep_ == "neg")
+    return None
+
+
 def _expression_end(tokens, root, phrase_end: int, cuts: list[int]) -> int:
     """Token index where the referring expression of ``root`` ends (exclusive).
 
@@ -314,7 +330,8 @@ def extract_entities(doc, turn: int | None = None, max_entities: int = DEFAULT_M
       (phrase + right-hand modifiers, cut at coordination) and always contains the phrase.
     * Conjuncts are separate entities; partitives ("a group of people") are one entity rooted
       at the noun after "of".
-    * Pronouns and non-visual nouns come back with ``status="skipped"`` and a ``reason``.
+    * Pronouns, non-visual nouns and negated phrases ("no dog", "without a hat") come back with
+      ``status="skipped"`` and a ``reason``.
     * At most ``max_entities`` *candidates*; later candidates are skipped with reason
       ``max_entities`` (skipped phrases do not use up the budget: they cost nothing downstream).
     * ``id`` is 0..n-1 within this doc; callers combining several docs renumber.
@@ -349,7 +366,7 @@ def extract_entities(doc, turn: int | None = None, max_entities: int = DEFAULT_M
         if plural is None:
             plural = _is_plural(head)
 
-        reason = _skip_reason(head, lemma)
+        reason = _negation(root) or _skip_reason(head, lemma)
         if reason is None:
             if candidates >= max_entities:
                 reason = "max_entities"

@@ -87,6 +87,12 @@ CAPTIONS = {
     "The image shows a dog lying on a bed with its head on a pillow.": [
         ("The image", "non_visual_noun: image"), "a dog", "a bed", "its head", "a pillow"],
     "A framed picture hanging on the wall above a bed.": ["A framed picture", "the wall", "a bed"],
+    # negation: what the caption says is absent is never sent to the detector
+    "There is no dog in the yard.": [("no dog", "negated: no"), "the yard"],
+    "A man without a hat stands next to a car.": ["A man", ("a hat", "negated: without"), "a car"],
+    "The man does not wear a helmet.": ["The man", ("a helmet", "negated: not")],
+    "No people are visible on the beach.": [("No people", "negated: no"), "the beach"],
+    "A dog is not running on the grass.": ["A dog", "the grass"],   # a negated verb: the dog is there
 }
 
 
