@@ -26,7 +26,7 @@ sample-assets: $(STAMP)
 	$(PY) -m pipeline sample-data $(CACHE)/sample-data
 
 build-dataset: sample-assets
-	$(PY) -m pipeline build $(MANIFEST) $(if $(OUT),--out $(OUT)) $(foreach s,$(SET),--set $(s))
+	$(PY) -m pipeline build $(MANIFEST) $(if $(OUT),--out $(OUT)) $(if $(OVERWRITE),--overwrite) $(foreach s,$(SET),--set $(s))
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,7 +1,7 @@
 """``make bench``: run every CPU benchmark in bench/ and write bench/results/ (JSON per benchmark +
 README.md with the machine described and one line per benchmark).
 
-CPU benchmarks run here: parse.py, write.py, scale.py, and judge.py / loss.py when present (each in
+CPU benchmarks run here: parse.py, write.py, scale.py, stream.py, and judge.py / loss.py when present (each in
 its own process, one after the other). GPU benchmarks (gpu.py, loss_gpu.py) need a GPU: they are
 run when this machine has one (``--gpu auto``), otherwise their last committed results stay and are
 summarised from their files. ``--quick`` shrinks every benchmark (a smoke test, minutes -> seconds).
@@ -31,6 +31,7 @@ CPU_BENCHES = {
     "parse": ("parse.json", [], ["--captions", "400", "--repeats", "1"], 600),
     "write": ("write.json", [], ["--samples", "1000", "--repeats", "1"], 600),
     "scale": ("scale.json", [], ["--copies", "4"], 1500),
+    "stream": ("stream.json", [], ["--rows", "300", "600"], 1800),
     "judge": ("judge.json", [], ["--concurrency", "1", "4", "--min-seconds", "0.5"], 600),
     "loss": ("loss-cpu.md", [], ["--steps", "1", "--rounds", "1"], 1200),
 }
@@ -126,6 +127,19 @@ def lines_for_results() -> dict[str, str]:
                            f"{r2['build_wall_seconds']} s = **{s['speedup_2_vs_1']:.2f}x** (target >= "
                            f"{s['target_speedup']}: {_mark(s['meets_target'])}); same samples: {s['same_samples']}; "
                            f"each run pinned to 1 or 2 of this machine's {s['machine_cpus']} cores. Details: `scale.json`.")
+    st = _load("stream.json")
+    if st and st.get("runs"):
+        first, last = st["runs"][0], st["runs"][-1]
+        out["stream.py"] = (f"- `stream.py`: Ray build of {first['rows']:,} rows: first shard on disk at "
+                            f"{first['first_shard_seconds']} s of {first['process_wall_seconds']} s = "
+                            f"**{first['first_shard_fraction']:.0%}** of the wall time (target <= "
+                            f"{st['first_shard_fraction_target']:.0%}: {_mark(st['meets_first_shard_target'])}); "
+                            f"peak RSS of the process tree {first['peak_rss_mb']:,} MB at {first['rows']:,} rows"
+                            + (f" vs {last['peak_rss_mb']:,} MB at {last['rows']:,} rows" if last is not first else
+                               " (one N only: growth with N not measured)")
+                            + (f" = **{st['rss_growth']:+.0%}** (target <= +{st['rss_growth_target']:.0%}: "
+                               f"{_mark(st['meets_rss_target'])})" if st.get("rss_growth") is not None else "")
+                            + ". Details: `stream.json`.")
     if (RESULTS / "loss-cpu.json").exists() and (RESULTS / "loss-cpu.md").exists():
         md = (RESULTS / "loss-cpu.md").read_text().splitlines()
         rows = [l for l in md if l.startswith("| capture") or l.startswith("| eager")]
@@ -152,7 +166,7 @@ def lines_for_results() -> dict[str, str]:
         card = m.get("gpu") or "CPU (toy)"
         out["gpu.py"] = (f"- `gpu.py` (on **{card}**, torch {m['torch']}, transformers {m['transformers']}; "
                          f"RANDOM weights, real-size architectures; stage vs demo loop fp32 / bf16): " + "; ".join(parts)
-                         + f" (target >= 3x the demo loop). Details: `GPU.md`, `gpu.json`, `gpu-rle-blob.json`.")
+                         + " (target >= 3x the demo loop). Details: `GPU.md`, `gpu.json`, `gpu-rle-blob.json`.")
     return out
 
 
@@ -176,7 +190,7 @@ def write_readme(info: dict, runs: list[dict]) -> None:
                                              for r in runs) + ".", "",
         "## Results", "", "One line per `bench/` script (its latest run).", "",
     ]
-    body = [mine[k] for k in ("parse.py", "write.py", "scale.py") if k in mine] + kept
+    body = [mine[k] for k in ("parse.py", "write.py", "scale.py", "stream.py") if k in mine] + kept
     body += [mine[k] for k in ("loss.py", "gpu.py") if k in mine]
     tail = []
     if (RESULTS / "NOTES.md").exists():

@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--set", dest="overrides", action="append", default=[], metavar="dotted.key=value",
                        help="override a manifest field, e.g. --set detect.box_threshold=0.3 (repeatable)")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.add_argument("--overwrite", action="store_true",
+                       help="remove what an earlier build left in the output folder and build from scratch "
+                            "(default: a rerun with other settings is refused)")
 
     tiny = sub.add_parser("tiny-models", help="write randomly initialised tiny GroundingDINO and SAM models (tests, offline sample)")
     tiny.add_argument("dir")
@@ -179,10 +182,14 @@ def _build(args) -> int:
     from pipeline.runner import build
 
     manifest = load_manifest(args.manifest, args.overrides, out=args.out)
-    stats = build(manifest, progress=not args.no_progress)
+    stats = build(manifest, progress=not args.no_progress, overwrite=args.overwrite)
     run = stats.get("last_run", {})
     print(f"wrote {stats['samples_out']} samples in {stats['shards']} shards to {manifest.output.path} "
           f"({stats['samples_rejected']} inputs rejected; {run.get('samples_per_second')} samples/s this run)")
+    redone = run.get("shards_redone") or {}
+    if redone:
+        print(f"shards redone: {sum(redone.values())} "
+              f"({', '.join(f'{n} {why}' for why, n in sorted(redone.items()))}: incomplete or corrupt)")
     return EXIT_OK
 
 

@@ -112,7 +112,7 @@ def _latency_column(logs: pd.DataFrame) -> str | None:
 def analyze(out: str | Path, top: int = 20, worst: int = 5) -> dict:
     """Everything ``inspect`` reports, as a JSON-ready dict."""
     out = Path(out)
-    files, incomplete = shard_files(out)
+    files, incomplete = shard_files(out, hashes=True)  # sizes and sha256 against each completion record
 
     # samples and entities, from the shards themselves
     entity_rows = []

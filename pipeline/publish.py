@@ -80,7 +80,7 @@ def plan(out: str | Path, exclude: list[str] | None = None) -> Plan:
     """What would be uploaded from ``out``; raises :class:`PublishError` when it is not ready."""
     out = Path(out)
     try:
-        complete, incomplete = shard_files(out)
+        complete, incomplete = shard_files(out, hashes=True)  # sizes and sha256 against each completion record
     except NotAnOutputError as exc:
         raise PublishError(str(exc)) from None
     if incomplete:

@@ -7,8 +7,9 @@ model copy per actor, ``io`` stages as actors that reserve no CPU), ``executor: 
 very same list in a loop in this process (tests, debugging).
 
 Resume: the input list and its split into shards are fixed by the manifest, so shard N always
-holds the same samples. A shard whose files are all in place is skipped; any other shard is
-cleared and redone. Files are renamed into place only when whole, so a ``kill -9`` at any
+holds the same samples. A shard whose completion record matches its files (``done/``, sizes) and
+this build's settings fingerprint is skipped; a record with other settings stops the build
+(``pipeline/outdir.py``; ``--overwrite`` starts over); any other shard is cleared and redone. Files are renamed into place only when whole, so a ``kill -9`` at any
 moment leaves complete shards or garbage that the next run removes: never a duplicate.
 """
 from __future__ import annotations
@@ -155,14 +156,30 @@ def check_cluster_fits(stages: list[Stage], cluster: dict, use_gpu: bool) -> Non
                 + ("" if most >= 1 else ", and lower runtime.model_memory_mb or give the cluster more"))
 
 
-def plan(manifest: Manifest, writer) -> tuple[list[dict], dict[int, int], int]:
+def plan(manifest: Manifest, writer, redone: dict | None = None) -> tuple[list[dict], dict[int, int], int]:
+    """Pending items, ``{shard: rows expected}`` of the shards to build, and the number of complete
+    shards kept. A shard is kept when its completion record matches its files (sizes; see
+    ``ShardWriter.check``) and its settings fingerprint is this build's (else ManifestError);
+    any other shard that left files is cleared and counted in ``redone`` by reason."""
+    from pipeline.outdir import check_fingerprints
     from pipeline.sources import list_items
 
     items = list_items(manifest)
     per_shard: dict[int, int] = defaultdict(int)
     for item in items:
         per_shard[item["shard"]] += 1
-    done = {s for s in per_shard if writer.is_complete(s)}
+    done, records = set(), {}
+    redone = {} if redone is None else redone
+    for shard in per_shard:
+        reason = writer.check(shard)
+        if reason is None:
+            done.add(shard)
+            records[shard] = writer.done_record(shard)
+        elif any(p.exists() for p in writer.paths(shard).values()):
+            reason = reason.split(":")[0]
+            redone[reason] = redone.get(reason, 0) + 1
+            log.warning("shard %d is redone: %s", shard, reason)
+    check_fingerprints(writer.out, records, writer.settings)
     for shard in per_shard:
         if shard not in done:
             writer.clear(shard)
@@ -188,6 +205,42 @@ def _execute_local(manifest: Manifest, rows: list[dict]):
         yield run_stages(stages, {k: [r[k] for r in chunk] for k in chunk[0]})
 
 
+# What the plan may hold in the object store at once (issue 9, bench/stream.py). With the whole
+# object store as the budget (GBs) Ray Data's backpressure starts late: the CPU stages ran far ahead
+# of the model actor and memory grew with the input.
+_PLAN_OBJECT_STORE_BYTES = 256 * _MB
+
+
+def _bound_streaming(ctx) -> None:
+    """Keep the Ray Data plan streaming with bounded memory (see _PLAN_OBJECT_STORE_BYTES)."""
+    limits = ctx.execution_options.resource_limits
+    ctx.execution_options.resource_limits = limits.copy(object_store_memory=_PLAN_OBJECT_STORE_BYTES)
+
+
+def _actor_cpus(workers: int, cpus: float) -> float:
+    """One CPU per model actor, but never all of them: actors that held every CPU would leave none
+    for the CPU stages and the plan would wait forever (a 1-CPU cluster, or as many actors as CPUs
+    on a CPU-only run); then the actors share the CPUs with the tasks."""
+    return min(1.0, max(cpus - 1, 0) / workers)
+
+
+def _cpu_task_cpus(stages: list[Stage], cpus: float) -> float:
+    """CPUs per CPU-stage task: 1, or less when the CPUs left beside the model actors cannot give
+    each run of CPU stages (Ray fuses consecutive ones into one operator) a whole CPU. Ray Data
+    reserves CPUs for operators upstream first, so on 2 CPUs the model actor and the fused
+    read->parse->prepare task took both and adjudicate, the last stage, got a CPU only once every
+    input had been read: the first shard at 140 s of a 160 s, 3,000-row build (issue 9)."""
+    runs, previous, held = 0, None, 0.0
+    for stage in stages:
+        kind = stage.resources.kind
+        if kind == "cpu" and previous != "cpu":
+            runs += 1
+        if kind == "model":
+            held += stage.resources.workers * _actor_cpus(stage.resources.workers, cpus)
+        previous = kind
+    return min(1.0, max(cpus - held, 1.0) / max(runs, 1))
+
+
 def _execute_ray(manifest: Manifest, rows: list[dict]):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
@@ -208,18 +261,20 @@ def _execute_ray(manifest: Manifest, rows: list[dict]):
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # shards complete in order
+        _bound_streaming(ctx)
         manifest_json = manifest.model_dump_json()
         gpus = ray.cluster_resources().get("GPU", 0)
         cpus = ray.cluster_resources().get("CPU", 1)
         use_gpu = gpus >= 1 and runtime.device != "cpu"
         check_cluster_fits(build_stages(manifest), ray.cluster_resources(), use_gpu)
+        task_cpus = _cpu_task_cpus(build_stages(manifest), cpus)
         ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // runtime.cpu_batch_size))
         for index, stage in enumerate(build_stages(manifest)):
             res = stage.resources
             size = res.batch_size or runtime.cpu_batch_size
             common = {"batch_size": size, "batch_format": "numpy"}
             if res.kind == "cpu":
-                ds = ds.map_batches(_cpu_task(index, stage.name, manifest_json), num_cpus=1, **common)
+                ds = ds.map_batches(_cpu_task(index, stage.name, manifest_json), num_cpus=task_cpus, **common)
                 continue
             actor = {"fn_constructor_kwargs": {"index": index, "manifest_json": manifest_json},
                      "compute": ray.data.ActorPoolStrategy(size=res.workers)}
@@ -230,10 +285,7 @@ def _execute_ray(manifest: Manifest, rows: list[dict]):
             extra = {"num_gpus": res.gpus} if use_gpu and res.gpus else {}
             # A distinct resource request also keeps Ray from fusing the CPU tasks into the actor.
             extra["memory"] = res.memory_mb * _MB
-            # One CPU per actor, but never all of them: actors that held every CPU would leave none
-            # for the CPU stages and the plan would wait forever (a 1-CPU cluster, or as many
-            # actors as CPUs on a CPU-only run); then the actors share the CPUs with the tasks.
-            actor_cpus = min(1.0, max(cpus - 1, 0) / res.workers)
+            actor_cpus = _actor_cpus(res.workers, cpus)
             ds = ds.map_batches(_actor_class(stage.name), num_cpus=actor_cpus, **extra, **actor, **common)
         yield from ds.iter_batches(batch_size=None, batch_format="numpy")
     finally:
@@ -243,27 +295,39 @@ def _execute_ray(manifest: Manifest, rows: list[dict]):
 
 # --- the build -----------------------------------------------------------------------------
 
-def build(manifest: Manifest, progress: bool = True) -> dict:
-    from pipeline.stats import aggregate_stats, write_card, write_resolved_manifest
-    from stages.write import ShardWriter
+def build(manifest: Manifest, progress: bool = True, overwrite: bool = False) -> dict:
+    """Build into ``output.path`` holding its lock (``pipeline/outdir.py``); ``overwrite`` first
+    removes what an earlier build left there instead of refusing other settings."""
+    from pipeline.outdir import check_is_build_folder, clear_build, lock
 
     out = Path(manifest.output.path)
-    check_output_matches(out, manifest)
+    check_is_build_folder(out)
+    if not overwrite:
+        check_output_matches(out, manifest)
     check_models(manifest)
-    out.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(out, manifest.name)
+    with lock(out):
+        if overwrite:
+            clear_build(out)
+        return _build_locked(manifest, out, progress)
+
+
+def _build_locked(manifest: Manifest, out: Path, progress: bool) -> dict:
+    from pipeline.outdir import settings_of
+    from pipeline.stats import aggregate_stats, resolved_models, write_card, write_resolved_manifest
+    from stages.write import ShardWriter
+
     extra = {"pipeline": __version__}
     if manifest.adjudicate.judge == "openai":
         from stages.judges.prompt import load_prompt
 
         prompt = load_prompt(manifest.adjudicate.prompt)
         extra.update(judge_model=manifest.adjudicate.model, judge_prompt=prompt.name, judge_prompt_hash=prompt.hash)
+    writer = ShardWriter(out, manifest.name, settings_of(manifest, {**resolved_models(manifest), **extra}))
     started = time.perf_counter()
-    # the inputs are listed before manifest.resolved.yaml is written: a missing input must not leave
-    # a record that refuses the rerun with the path fixed ("a build with different input")
-    pending, expected, skipped = plan(manifest, writer)
-    resolved = write_resolved_manifest(out, manifest, extra)
-    log.info("%d shards to build, %d already complete", len(expected), skipped)
+    redone: dict[str, int] = {}
+    pending, expected, skipped = plan(manifest, writer, redone)
+    log.info("%d shards to build, %d already complete%s", len(expected), skipped,
+             "".join(f"; shards redone: {n} ({why})" for why, n in sorted(redone.items())))
     rows = _input_rows(pending)
     buffers: dict[int, list[dict]] = defaultdict(list)
     written = 0
@@ -285,9 +349,12 @@ def build(manifest: Manifest, progress: bool = True) -> dict:
             raise RuntimeError(f"rows missing from shards {missing}: the executor lost samples")
     elapsed = time.perf_counter() - started
     run = {"samples_processed": len(rows), "shards_written": written, "shards_skipped": skipped,
-           "wall_seconds": round(elapsed, 2),
+           "shards_redone": redone, "wall_seconds": round(elapsed, 2),
            "samples_per_second": round(len(rows) / elapsed, 3) if rows and elapsed else None,
            "executor": manifest.runtime.executor}
+    # written only now: every shard is complete and made with these settings, so the manifest
+    # and the card describe what the shards hold
+    resolved = write_resolved_manifest(out, manifest, extra)
     stats = aggregate_stats(out, run)
     write_card(out, manifest, stats, resolved, __version__)
     return stats

@@ -442,7 +442,7 @@ def _read_member(tf: tarfile.TarFile, member: tarfile.TarInfo) -> bytes | None:
     if member.size > _MAX_TEXT_MEMBER:
         return None
     fh = tf.extractfile(member)
-    return fh.read() if fh is not None else None
+    return fh.read(_MAX_TEXT_MEMBER + 1) if fh is not None else None   # never more than the limit
 
 
 # =====================================================================================

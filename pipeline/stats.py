@@ -22,7 +22,7 @@ def aggregate_stats(out_dir: Path, run: dict | None = None) -> dict:
     judge_shards: list[dict] = []
     for path in sorted((out_dir / "stats").glob("*.json")):
         tar_exists = any((out_dir / "shards").glob(f"*-{path.stem}.tar"))
-        if not tar_exists:
+        if not tar_exists or not (out_dir / "done" / path.name).exists():
             continue  # shard not complete: its stats are not part of the output
         stats = json.loads(path.read_text())
         shards += 1
@@ -78,11 +78,16 @@ def _model_revision(name: str, revision: str | None) -> str:
         return revision or "unresolved"
 
 
+def resolved_models(manifest: Manifest) -> dict:
+    """The exact detector and segmenter revisions (part of the shards' settings fingerprint)."""
+    return {"detector_revision": _model_revision(manifest.detect.model, manifest.detect.revision),
+            "segmenter_revision": _model_revision(manifest.segment.model, manifest.segment.revision)}
+
+
 def write_resolved_manifest(out_dir: Path, manifest: Manifest, extra: dict | None = None) -> dict:
     data = manifest_to_dict(manifest)
     data["resolved"] = {
-        "detector_revision": _model_revision(manifest.detect.model, manifest.detect.revision),
-        "segmenter_revision": _model_revision(manifest.segment.model, manifest.segment.revision),
+        **resolved_models(manifest),
         "judge": manifest.adjudicate.judge,
         "python": platform.python_version(),
         **(extra or {}),

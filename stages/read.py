@@ -155,7 +155,7 @@ class ReadStage(Stage):
             where = f"{ref['tar']}:{ref['member']}"
             if ref.get("size") is not None:
                 self._check_file_size(int(ref["size"]), where)
-            data = tars.read(ref)
+            data = tars.read(ref, self.cfg.max_bytes)
             self._check_file_size(len(data), where)
         else:
             raise _Reject("missing_image: image_ref has neither path nor tar/member")
@@ -326,7 +326,9 @@ class _TarReader:
     def __init__(self):
         self._files: dict[str, Any] = {}
 
-    def read(self, ref: dict) -> bytes:
+    def read(self, ref: dict, limit: int | None = None) -> bytes:
+        """The member's bytes; with ``limit``, a member over it is rejected from its header size
+        before any byte is read, and at most ``limit + 1`` bytes are ever read (a compressed tar)."""
         tar = str(ref["tar"])
         try:
             if ref.get("offset") is not None and ref.get("size") is not None:
@@ -343,10 +345,12 @@ class _TarReader:
                     member = tf.getmember(ref["member"])
                 except KeyError:
                     raise _Reject(f"missing_file: {ref['member']} not in {tar}") from None
+                if limit is not None and member.size > limit:
+                    raise _Reject(f"file_too_large: {member.size} bytes > image.max_bytes {limit}")
                 fh = tf.extractfile(member)
                 if fh is None:
                     raise _Reject(f"read_error: {ref['member']} in {tar} is not a file")
-                return fh.read()
+                return fh.read(limit + 1 if limit is not None else -1)
         except FileNotFoundError:
             raise _Reject(f"missing_file: {tar}") from None
         except (OSError, tarfile.TarError) as exc:

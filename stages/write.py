@@ -1,9 +1,10 @@
 """write: one shard at a time, in the output layout of docs/schema.md.
 
-A shard is written as: rejected/ → logs/ → stats/ → index/ → shards/*.tar, each file under a
-temporary name in its own folder and renamed when whole. The ``.tar`` comes last, so "the tar
-exists" means "every other file of the shard exists": :meth:`ShardWriter.is_complete` checks
-all of them anyway, and a rerun redoes any shard that is not complete.
+A shard is written as: rejected/ → logs/ → stats/ → index/ → shards/*.tar → done/*.json, each
+file under a temporary name in its own folder and renamed when whole. The completion record
+``done/{n}.json`` comes last: the size and sha256 of each other file, and the build's settings
+(``fingerprint`` + the readable ``settings``). :meth:`ShardWriter.check` says why a shard is not
+complete (no record, a missing file, a size or hash that differs), and a rerun redoes it.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 
 from stages.judges.stats import shard_judge_stats
 from stages.record import ROW_OK, check_record, loads
-from stages.record.shards import LAYOUT, output_paths, sample_members, write_tar
+from stages.record.shards import DONE, DONE_VERSION, LAYOUT, check_shard, file_digest, output_paths, read_done, sample_members, write_tar
 
 INDEX_SCHEMA = pa.schema([
     ("key", pa.string()), ("shard", pa.string()), ("n_entities", pa.int32()),
@@ -62,9 +63,11 @@ def _atomic_write(path: Path, write) -> None:
 
 
 class ShardWriter:
-    def __init__(self, out_dir: str | os.PathLike, name: str):
+    def __init__(self, out_dir: str | os.PathLike, name: str, settings: dict | None = None):
+        """``settings``: ``{"fingerprint": str, "settings": dict}`` stored in each completion record."""
         self.out = Path(out_dir)
         self.name = name
+        self.settings = settings or {"fingerprint": None, "settings": {}}
         for folder, _ in LAYOUT.values():
             (self.out / folder).mkdir(parents=True, exist_ok=True)
         self.remove_temp_files()
@@ -78,8 +81,15 @@ class ShardWriter:
     def paths(self, shard: int) -> dict[str, Path]:
         return output_paths(self.out, self.name, shard)
 
-    def is_complete(self, shard: int) -> bool:
-        return all(p.exists() for p in self.paths(shard).values())
+    def check(self, shard: int, hashes: bool = False) -> str | None:
+        """None when the shard is complete, else why not (see ``check_shard``)."""
+        return check_shard(self.paths(shard), hashes=hashes)
+
+    def is_complete(self, shard: int, hashes: bool = False) -> bool:
+        return self.check(shard, hashes=hashes) is None
+
+    def done_record(self, shard: int) -> dict | None:
+        return read_done(self.paths(shard)[DONE])
 
     def clear(self, shard: int) -> None:
         """Remove what an interrupted run left of a shard (complete files and temp files)."""
@@ -141,6 +151,10 @@ class ShardWriter:
                 yield from sample_members(record["key"], row["ext"], row["image"], row["record"])
 
         _atomic_write(paths["tar"], lambda path: write_tar(path, members()))
+        done = {"version": DONE_VERSION, "shard": shard, **self.settings,
+                "files": {kind: {"path": f"{LAYOUT[kind][0]}/{path.name}", **file_digest(path)}
+                          for kind, path in paths.items() if kind != DONE}}
+        _atomic_write(paths[DONE], lambda p: p.write_text(json.dumps(done, indent=1, sort_keys=True)))
         return stats
 
 

@@ -18,6 +18,17 @@ def report(sample_out):
     return analyze(sample_out, top=0, worst=0)
 
 
+def _reseal(out, shard):
+    """Rewrite a shard's completion record after a test edited its files on purpose."""
+    from stages.record.shards import file_digest, shard_files
+
+    files = shard_files(out, verify=False)[0][shard]
+    done = json.loads(files["done"].read_text())
+    for kind, entry in done["files"].items():
+        entry.update(file_digest(files[kind]))
+    files["done"].write_text(json.dumps(done))
+
+
 def _copy(sample_out, tmp_path):
     dst = tmp_path / "out"
     shutil.copytree(sample_out, dst)
@@ -91,6 +102,7 @@ def test_llm_judge_columns_latency_and_errors(sample_out, tmp_path, capsys):
         row["prompt_tokens"], row["completion_tokens"] = 400 + i, 20
         row["error"] = {0: "timeout: no reply in 30 s", 1: "bad_json: Expecting value"}.get(i, "")
     pq.write_table(pa.Table.from_pylist(rows), path)
+    _reseal(out, 0)  # the edited log is the shard's now (else the sha256 check calls it corrupt)
 
     report = analyze(out)
     judge = report["judge"]

@@ -109,7 +109,8 @@ def test_layout_names_the_writer_files(tmp_path):
     assert paths == writer.paths(1)
     assert {k: str(p.relative_to(tmp_path)) for k, p in paths.items()} == {
         "rejected": "rejected/000001.parquet", "log": "logs/adjudication-000001.parquet",
-        "stats": "stats/000001.json", "index": "index/demo-000001.parquet", "tar": "shards/demo-000001.tar"}
+        "stats": "stats/000001.json", "index": "index/demo-000001.parquet", "tar": "shards/demo-000001.tar",
+            "done": "done/000001.json"}
     assert shards.dataset_name(paths["tar"]) == "demo"
     complete, incomplete = shards.shard_files(tmp_path)
     assert list(complete) == [0, 1] and incomplete == [] and complete[1] == paths

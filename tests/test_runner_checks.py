@@ -72,3 +72,41 @@ def test_a_build_made_before_a_new_input_field_still_resumes(tmp_path):
     changed = manifest.model_copy(update={"input": manifest.input.model_copy(update={"limit": 3})})
     with pytest.raises(ManifestError, match="input"):
         check_output_matches(tmp_path, changed)
+
+
+def test_fingerprint_counts_shaping_settings_only():
+    from pipeline.manifest import Manifest
+    from pipeline.outdir import differences, settings_of
+
+    base = {"name": "x", "input": {"path": "in.jsonl"}}
+    a = settings_of(Manifest.model_validate(base), {"pipeline": "0.1.0"})
+    same = settings_of(Manifest.model_validate({**base, "runtime": {"executor": "local", "cpu_batch_size": 3},
+                                                "output": {"path": "elsewhere"},
+                                                "adjudicate": {"concurrency": 2, "timeout_s": 5}}), {"pipeline": "0.1.0"})
+    assert a["fingerprint"] == same["fingerprint"]
+    other = settings_of(Manifest.model_validate({**base, "detect": {"box_threshold": 0.5}}), {"pipeline": "0.1.0"})
+    assert other["fingerprint"] != a["fingerprint"]
+    newer = settings_of(Manifest.model_validate(base), {"pipeline": "0.2.0"})
+    assert differences(a["settings"], newer["settings"]) == ["resolved.pipeline: '0.1.0' -> '0.2.0'"]
+
+
+def test_lock_keeps_a_second_build_out_and_is_released(tmp_path):
+    from pipeline.outdir import lock
+
+    with lock(tmp_path):
+        with pytest.raises(ManifestError, match=str(tmp_path)):
+            with lock(tmp_path):
+                pass
+    with lock(tmp_path):  # released on exit
+        pass
+
+
+def test_cpu_stage_tasks_share_what_the_model_actors_leave():
+    """Issue 9: on 2 CPUs the model actor holds one, and the two runs of CPU stages (read->parse->
+    prepare, adjudicate) get half of the other each, so adjudicate is not starved until the end."""
+    from pipeline.runner import _cpu_task_cpus
+
+    stages = _stages()
+    assert _cpu_task_cpus(stages, 2) == 0.5
+    assert _cpu_task_cpus(stages, 1) == 0.5          # the actor takes no CPU on a 1-CPU cluster
+    assert _cpu_task_cpus(stages, 16) == 1.0

@@ -479,3 +479,30 @@ def test_store_format_gives_one_format_per_dataset(tmp_path):
     assert out["ext"] == ["png", "png"] and out["image"][0] == png.read_bytes()
     out = run_read(items, ImageConfig(store_format="keep"))
     assert out["ext"] == ["png", "jpg"]
+
+
+def test_webdataset_gzip_member_over_max_bytes_is_not_read(tmp_path, monkeypatch):
+    """A compressed tar's member is checked from its header size before a byte is read (a 6.5 MB
+    .tar.gz once held a member that decompressed to GBs and was read whole before the check)."""
+    big = b"\0" * 2_000_000                                       # ~2 KB gzipped, 2 MB inflated
+    _tar(tmp_path / "a.tar.gz", [("k1.png", big), ("k1.txt", b"a bomb"),
+                                 ("k2.png", _png()), ("k2.txt", b"a red square")], gz=True)
+    items = list_items(make_manifest("webdataset", tmp_path / "a.tar.gz"))
+    read_sizes = []
+    real = tarfile.TarFile.extractfile
+
+    def counting(self, member):
+        fh = real(self, member)
+        inner = fh.read
+
+        def read(n=-1):
+            data = inner(n)
+            read_sizes.append(len(data))
+            return data
+        fh.read = read
+        return fh
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", counting)
+    out = run_read(items, ImageConfig(max_bytes=4096, store_format="keep"))
+    assert out["reason"][0] == "file_too_large: 2000000 bytes > image.max_bytes 4096"
+    assert out["status"][1] == "ok"
+    assert all(n <= 4097 for n in read_sizes) and sum(read_sizes) < 4097 * 2

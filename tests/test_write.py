@@ -119,3 +119,25 @@ def test_leftover_temp_files_are_removed_when_a_writer_starts(tmp_path):
     ShardWriter(tmp_path, "demo")
     assert not any(p.exists() for p in leftovers)
     assert writer.is_complete(0)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda p: p["tar"].write_bytes(b""), "size: tar"),                      # zero-byte tar
+    (lambda p: p["tar"].write_bytes(p["tar"].read_bytes()[:700]), "size: tar"),  # truncated tar
+    (lambda p: p["index"].write_bytes(b"x" * p["index"].stat().st_size), None),  # garbage, same size
+    (lambda p: p["done"].unlink(), "no_completion_record"),                  # old build / killed before it
+    (lambda p: p["stats"].unlink(), "missing: stats"),
+])
+def test_completion_record_catches_damaged_shards(tmp_path, damage, reason):
+    writer = ShardWriter(tmp_path, "demo", {"fingerprint": "abc", "settings": {"x": 1}})
+    writer.write_shard(0, [_ok_row(0, "t-a")])
+    done = json.loads(writer.paths(0)["done"].read_text())
+    assert done["fingerprint"] == "abc" and done["settings"] == {"x": 1}
+    assert set(done["files"]) == {"rejected", "log", "stats", "index", "tar"}
+    assert done["files"]["tar"]["size"] == writer.paths(0)["tar"].stat().st_size
+    damage(writer.paths(0))
+    if reason is None:  # same size: only the hash sees it
+        assert writer.is_complete(0)
+        assert writer.check(0, hashes=True) == "sha256: index"
+    else:
+        assert writer.check(0) == reason and not writer.is_complete(0)

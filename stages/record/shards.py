@@ -1,8 +1,10 @@
 """The shard format (docs/schema.md): file layout, writer, reader.
 
-* Layout: shard ``n`` of dataset ``name`` is five files, :data:`LAYOUT` (:func:`output_paths` for
-  the writer, :func:`shard_files` for inspect, the gallery and publish). A shard is complete when
-  all five exist; the writer renames the ``.tar`` last.
+* Layout: shard ``n`` of dataset ``name`` is six files, :data:`LAYOUT` (:func:`output_paths` for
+  the writer, :func:`shard_files` for inspect, the gallery and publish). The last one written is the
+  completion record ``done/{n}.json``: the size and sha256 of each other file, and the settings
+  fingerprint of the build. A shard is complete when its record exists and every file matches it
+  (:func:`check_shard`: sizes always, sha256 with ``hashes=True``); anything else is incomplete.
 * Writer: :func:`write_tar`, an uncompressed USTAR archive of ``{key}.{ext}`` image members and
   ``{key}.json`` records, byte for byte what ``tarfile`` writes (mtime 0, mode 0644, no owner).
 * Reader: :func:`iter_samples` (``(key, {ext: bytes})``) and :func:`iter_records`
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -32,7 +35,10 @@ LAYOUT = {
     "stats": ("stats", "{n:06d}.json"),
     "index": ("index", "{name}-{n:06d}.parquet"),
     "tar": ("shards", "{name}-{n:06d}.tar"),
+    "done": ("done", "{n:06d}.json"),  # the completion record, written last
 }
+DONE = "done"
+DONE_VERSION = 1
 _SHARD_NUM = re.compile(r"(\d{6})$")
 
 
@@ -53,9 +59,50 @@ def dataset_name(tar_path: str | os.PathLike) -> str:
     return Path(tar_path).stem.rsplit("-", 1)[0]
 
 
-def shard_files(out: str | os.PathLike) -> tuple[dict[int, dict[str, Path]], list[int]]:
-    """``({shard: {tar, index, log, stats, rejected}}, [incomplete shard numbers])`` of an output
-    folder; temporary files of an interrupted write are not counted."""
+def file_digest(path: str | os.PathLike) -> dict:
+    """``{"size", "sha256"}`` of one file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return {"size": os.path.getsize(path), "sha256": h.hexdigest()}
+
+
+def read_done(path: str | os.PathLike) -> dict | None:
+    """A completion record, or None when it is missing or not one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("files"), dict) else None
+
+
+def check_shard(files: dict[str, Path], hashes: bool = False) -> str | None:
+    """None when the shard whose ``{kind: path}`` are ``files`` is complete; else the reason
+    (``no_completion_record``, ``missing: <kind>``, ``size: <kind>``, ``sha256: <kind>``)."""
+    done = read_done(files[DONE]) if files.get(DONE) and Path(files[DONE]).exists() else None
+    if done is None:
+        return "no_completion_record"
+    for kind in LAYOUT:
+        if kind == DONE:
+            continue
+        want = done["files"].get(kind)
+        path = files.get(kind)
+        if not want or not path or not Path(path).is_file():
+            return f"missing: {kind}"
+        if os.path.getsize(path) != want.get("size"):
+            return f"size: {kind}"
+        if hashes and file_digest(path)["sha256"] != want.get("sha256"):
+            return f"sha256: {kind}"
+    return None
+
+
+def shard_files(out: str | os.PathLike, verify: bool = True, hashes: bool = False
+                ) -> tuple[dict[int, dict[str, Path]], list[int]]:
+    """``({shard: {tar, index, log, stats, rejected, done}}, [incomplete shard numbers])`` of an
+    output folder; temporary files of an interrupted write are not counted. With ``verify`` a shard
+    is complete only when :func:`check_shard` passes (``hashes``: sha256 too, as inspect and
+    publish do); a shard that fails it is listed as incomplete."""
     out = Path(out)
     if not (out / "shards").is_dir():
         raise NotAnOutputError(f"{out} is not a Look&Learn output folder (no shards/ in it)")
@@ -65,7 +112,8 @@ def shard_files(out: str | os.PathLike) -> tuple[dict[int, dict[str, Path]], lis
             match = _SHARD_NUM.search(path.stem)
             if match and not path.name.startswith("."):
                 found[int(match.group(1))][kind] = path
-    complete = {n: files for n, files in sorted(found.items()) if len(files) == len(LAYOUT)}
+    complete = {n: files for n, files in sorted(found.items()) if len(files) == len(LAYOUT)
+                and (not verify or check_shard(files, hashes=hashes) is None)}
     return complete, sorted(n for n in found if n not in complete)
 
 
