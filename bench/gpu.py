@@ -95,7 +95,7 @@ def make_rows(n: int, phrases_per_image: int = 4):
         for k, phrase in enumerate(picked):
             start = caption.index(phrase, pos)
             pos = start + len(phrase)
-            record["entities"].append({"id": k, "phrase": phrase, "start": start, "end": pos, "turn": None,
+            record["entities"].append({"id": k, "phrase": phrase, "start": start, "end": pos, "turn": -1,
                                        "root": phrase.split()[-1], "plural": False, "status": None,
                                        "regions": [], "reason": None,
                                        "expression": {"start": start, "end": pos, "text": phrase}})

@@ -35,9 +35,9 @@ def _records(n: int, tag: str) -> list[dict]:
         caption = f"a dog next to two cats on a sofa ({tag} {i})"
         rec = new_record(f"b-{tag}-{i}", {"dataset": "bench", "id": str(i)}, W, H, f"{i:064x}", {"caption": caption})
         rec["entities"] = [
-            {"id": 0, "phrase": "a dog", "start": 0, "end": 5, "turn": None, "root": "dog", "plural": False,
+            {"id": 0, "phrase": "a dog", "start": 0, "end": 5, "turn": -1, "root": "dog", "plural": False,
              "status": None, "regions": [], "reason": None, "expression": None},
-            {"id": 1, "phrase": "two cats", "start": 15, "end": 23, "turn": None, "root": "cats", "plural": True,
+            {"id": 1, "phrase": "two cats", "start": 15, "end": 23, "turn": -1, "root": "cats", "plural": True,
              "status": None, "regions": [], "reason": None, "expression": None},
         ]
         boxes = [(0, (10, 20, 200, 300), 0.71), (0, (300, 40, 600, 400), 0.52),

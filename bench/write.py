@@ -80,7 +80,7 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
         for k, (phrase, skip) in enumerate(PHRASES):
             start = CAPTION.index(phrase, pos)
             pos = start + len(phrase)
-            record["entities"].append({"id": k, "phrase": phrase, "start": start, "end": pos, "turn": None,
+            record["entities"].append({"id": k, "phrase": phrase, "start": start, "end": pos, "turn": -1,
                                        "root": phrase.split()[-1], "plural": phrase.endswith("s"),
                                        "status": "skipped" if skip else None, "regions": [],
                                        "reason": skip, "expression": {"start": start, "end": pos, "text": phrase}})

@@ -13,6 +13,11 @@ judges anything; it only lets the pipeline run end to end without a GPU or netwo
 Tests script faults through ``handler`` (see :class:`FakeJudgeServer`): any status code with
 headers (429 + Retry-After), slow replies, raw text instead of JSON, replies with wrong ids.
 Binds to 127.0.0.1 by default; ``--max-seconds`` / ``--max-requests`` bound its life.
+
+Every request is kept with the time it arrived and the tokens the server counted for it (its
+reply's ``usage``: the prompt counted as the judge's limiter estimates it, characters / 4 and
+a fixed count per image, plus the reply; 0 for an error reply), so tests can check the
+requests and tokens in every time window (:meth:`FakeJudgeServer.window_peaks`).
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from stages.judges.limits import estimate_prompt_tokens
 
 _DATA = re.compile(r"<data>\s*(\{.*\})\s*</data>", re.S)
 
@@ -84,6 +91,8 @@ class FakeRequest:
     payload: dict | None
     n: int            # 1-based number of this request at the server
     attempt: int      # 1-based: how many times this same question (payload) has been asked
+    received: float = 0.0  # time.monotonic() when it arrived
+    tokens: int = 0        # the tokens counted for it (its reply's usage; 0 for an error reply)
 
 
 @dataclass
@@ -147,6 +156,20 @@ class FakeJudgeServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def window_peaks(self, window_s: float) -> tuple[int, int]:
+        """The most requests and the most tokens that arrived within any ``window_s`` seconds."""
+        with self._lock:
+            seen = sorted((r.received, r.tokens) for r in self.requests)
+        most_requests = most_tokens = tokens = 0
+        first = 0
+        for last, (at, count) in enumerate(seen):  # windows that end at each arrival
+            tokens += count
+            while seen[first][0] <= at - window_s:
+                tokens -= seen[first][1]
+                first += 1
+            most_requests, most_tokens = max(most_requests, last - first + 1), max(most_tokens, tokens)
+        return most_requests, most_tokens
+
     def sleep(self, seconds: float) -> None:
         if seconds > 0:
             self._stop.wait(seconds)
@@ -158,7 +181,7 @@ class FakeJudgeServer:
         with self._lock:
             self._asked[question] = self._asked.get(question, 0) + 1
             request = FakeRequest(body=body, headers=headers, payload=payload, n=len(self.requests) + 1,
-                                  attempt=self._asked[question])
+                                  attempt=self._asked[question], received=time.monotonic())
             self.requests.append(request)
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -180,14 +203,16 @@ class FakeJudgeServer:
         if content is None:
             content = json.dumps(policy_reply(request.payload or {}, self.plural_margin)) \
                 if request.payload is not None else "I cannot find the sample."
-        prompt_chars = sum(len(json.dumps(m.get("content"))) for m in request.body.get("messages", []))
+        prompt_tokens = estimate_prompt_tokens(request.body.get("messages", []))
+        completion_tokens = max(1, len(content) // 4)
+        request.tokens = prompt_tokens + completion_tokens
         body = {
             "id": f"chatcmpl-fake-{request.n}", "object": "chat.completion", "created": int(time.time()),
             "model": request.body.get("model", "fake-judge"),
             "choices": [{"index": 0, "finish_reason": reply.finish_reason, "logprobs": None,
                          "message": {"role": "assistant", "content": content, "refusal": None}}],
-            "usage": {"prompt_tokens": prompt_chars // 4, "completion_tokens": max(1, len(content) // 4),
-                      "total_tokens": prompt_chars // 4 + max(1, len(content) // 4)},
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
         }
         return 200, reply.headers, json.dumps(body).encode("utf-8"), delay
 

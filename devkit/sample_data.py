@@ -1,8 +1,12 @@
 """Offline sample inputs: generated shape scenes, scikit-image's bundled photos, and bad inputs.
 
 :func:`write_sample_data` writes ``captions.jsonl`` (the ``jsonl`` input format) plus
-``images/``. The good rows are simple drawn scenes whose captions name their shapes, a few
-natural photos that ship inside ``skimage.data`` (no download), and one EXIF-rotated JPEG.
+``images/`` and ``truth.jsonl``. The good rows are twelve scenes of the scene generator
+(``devkit/scenes.py``: coloured shapes on plain, gradient, noise and photo backgrounds, plural
+groups, occlusion, and captions that sometimes name a shape that is not there), a few natural
+photos that ship inside ``skimage.data`` (no download), and one EXIF-rotated JPEG.
+``truth.jsonl`` holds the exact masks of the generated scenes' phrases (and the rotated one's),
+the gold labels ``lookandlearn evaluate labels OUT --truth`` reads.
 The rest shows what the read stage does with bad input: a zero-byte file, a truncated JPEG,
 an animated GIF, a missing file, an absurd 4000x4 strip, an empty caption, a duplicate id
 (all rejected), a caption without nouns (read fine; nothing to ground), and a 16-bit PNG,
@@ -20,63 +24,33 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from devkit import scenes
 from stages.record.shards import write_tar
 
-SAMPLE_VERSION = 1
+SAMPLE_VERSION = 2
 _STAMP = ".sample-data.json"
 _VARIANTS_STAMP = ".sample-variants.json"
 
 # --- the generated scenes ----------------------------------------------------------------
-# (file name, (width, height), background, shapes, caption); a shape is (kind, colour, box).
+# Twelve scenes of the one scene generator (devkit/scenes.py), stream "test", seed SCENE_SEED:
+# chosen so that they hold every background kind (plain, gradient, noise, photo), plural groups,
+# occlusion, an "inside" pair and phrases that name nothing. Their exact masks go to truth.jsonl.
 
-_SCENES = [
-    ("scene-01.jpg", (640, 480), "white",
-     [("circle", "red", (250, 40, 390, 180)), ("square", "blue", (290, 300, 350, 360))],
-     "a red circle above a small blue square"),
-    ("scene-02.png", (640, 480), (235, 235, 235),
-     [("triangle", "green", (60, 200, 200, 360)), ("triangle", "green", (220, 200, 360, 360)),
-      ("star", "gold", (420, 180, 580, 340))],
-     "two green triangles next to a yellow star"),
-    ("scene-03.jpg", (512, 512), "white",
-     [("square", "orange", (96, 96, 416, 416)), ("circle", "purple", (186, 186, 326, 326))],
-     "a large orange square with a purple circle inside it"),
-    ("scene-04.jpg", (480, 640), (250, 250, 240),
-     [("rectangle", "blue", (60, 80, 180, 560)), ("triangle", "red", (240, 300, 440, 500))],
-     "a tall blue rectangle beside a red triangle"),
-    ("scene-05.webp", (512, 512), (128, 128, 128),
-     [("circle", "yellow", (36, 196, 156, 316)), ("circle", "yellow", (196, 196, 316, 316)),
-      ("circle", "yellow", (356, 196, 476, 316))],
-     "three yellow circles in a row on a gray background"),
-    ("scene-06.jpg", (640, 480), "white",
-     [("circle", "hotpink", (250, 30, 390, 170)), ("star", "black", (240, 230, 400, 390))],
-     "a black star under a pink circle"),
-    ("scene-07.png", (800, 600), "white",
-     [("square", "green", (60, 220, 220, 380)), ("square", "red", (320, 220, 480, 380)),
-      ("square", "blue", (580, 220, 740, 380))],
-     "a green square, a red square and a blue square"),
-    ("scene-08.png", (480, 640), (20, 30, 90),
-     [("circle", "white", (140, 220, 340, 420))],
-     "a white circle on a dark blue background"),
-    ("scene-09.jpg", (512, 512), "white",
-     [("triangle", "saddlebrown", (40, 150, 220, 360)), ("ellipse", "cyan", (280, 190, 480, 320))],
-     "a brown triangle to the left of a cyan ellipse"),
-    ("scene-10.jpg", (640, 480), (245, 245, 245),
-     [("star", "purple", (20, 20, 100, 100)), ("circle", "orange", (220, 140, 420, 340))],
-     "a small purple star in the corner and a big orange circle in the middle"),
-    ("scene-11.png", (320, 240), "white",
-     [("rectangle", "red", (80, 40, 240, 100)), ("rectangle", "red", (80, 130, 240, 190))],
-     "two red rectangles stacked on top of each other"),
-    ("scene-12.jpg", (512, 384), (170, 210, 250),
-     [("circle", "yellow", (200, 30, 310, 140)), ("rectangle", "forestgreen", (0, 260, 512, 384))],
-     "a yellow circle above a wide green rectangle"),
-]
+SCENE_SEED = 14
+_SCENE_FILES = ["scene-01.jpg", "scene-02.png", "scene-03.jpg", "scene-04.jpg", "scene-05.webp", "scene-06.jpg",
+                "scene-07.png", "scene-08.png", "scene-09.jpg", "scene-10.jpg", "scene-11.png", "scene-12.jpg"]
+
+
+def sample_scenes() -> list[tuple[str, "scenes.Scene"]]:
+    """(file name, scene) of the sample's generated scenes."""
+    return [(name, scenes.generate(SCENE_SEED, "test", k)) for k, name in enumerate(_SCENE_FILES)]
+
 
 # EXIF orientation 6: the file holds the picture turned 90 degrees counter-clockwise.
 _ROTATED = ("rotated-exif6.jpg", (480, 640), "white",
@@ -101,31 +75,37 @@ _NATURAL = [
 ]
 
 
-def _star(box, points=5):
-    x0, y0, x1, y1 = box
-    cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, min(x1 - x0, y1 - y0) / 2
-    pts = []
-    for i in range(points * 2):
-        rad = r if i % 2 == 0 else r * 0.42
-        ang = -math.pi / 2 + i * math.pi / points
-        pts.append((cx + rad * math.cos(ang), cy + rad * math.sin(ang)))
-    return pts
-
-
 def _draw_scene(size, background, shapes) -> Image.Image:
-    img = Image.new("RGB", size, background)
-    draw = ImageDraw.Draw(img)
-    for kind, colour, box in shapes:
-        if kind in ("circle", "ellipse"):
-            draw.ellipse(box, fill=colour)
-        elif kind in ("square", "rectangle"):
-            draw.rectangle(box, fill=colour)
-        elif kind == "triangle":
-            x0, y0, x1, y1 = box
-            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour)
-        elif kind == "star":
-            draw.polygon(_star(box), fill=colour)
+    """A drawn scene from explicit shapes (kind, PIL colour, box), painted through the scene
+    generator's rasteriser (:func:`devkit.scenes.shape_mask`)."""
+    img, _ = _draw_scene_masks(size, background, shapes)
     return img
+
+
+def _draw_scene_masks(size, background, shapes) -> tuple[Image.Image, list[np.ndarray]]:
+    from PIL import ImageColor
+
+    w, h = size
+    arr = np.array(Image.new("RGB", size, background))
+    masks = []
+    for kind, colour, (x0, y0, x1, y1) in shapes:
+        m = scenes.shape_mask(kind, (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2, w, h)
+        for earlier in masks:
+            earlier &= ~m
+        arr[m] = ImageColor.getrgb(colour)
+        masks.append(m)
+    return Image.fromarray(arr), masks
+
+
+def _truth_line(row_id: str, caption: str, phrases: list[tuple[str, np.ndarray]]) -> dict:
+    from stages.record import rle
+
+    entities = []
+    for phrase, mask in phrases:
+        start = caption.index(phrase)
+        entities.append({"turn": None, "start": start, "end": start + len(phrase), "phrase": phrase,
+                         "mask": rle.encode(mask[None])[0]})
+    return {"id": row_id, "entities": entities}
 
 
 def _encode(img: Image.Image, name: str, **kw) -> bytes:
@@ -171,15 +151,21 @@ def _sample_set() -> tuple[dict[str, bytes], list[dict], list[str]]:
         if is_good:
             good.append(row_id)
 
-    for name, size, bg, shapes, caption in _SCENES:
-        add(name.rsplit(".", 1)[0], name, caption, _encode(_draw_scene(size, bg, shapes), name))
+    truth: list[dict] = []
+    for name, scene in sample_scenes():
+        row_id = name.rsplit(".", 1)[0]
+        add(row_id, name, scene.caption, _encode(scene.pil(), name))
+        truth.append(scene.truth(row_id))
 
     name, size, bg, shapes, caption = _ROTATED
-    upright = _draw_scene(size, bg, shapes)
+    upright, masks = _draw_scene_masks(size, bg, shapes)
     exif = Image.Exif()
     exif[0x0112] = 6
     add("rotated-exif6", name, caption, _encode(upright.transpose(Image.Transpose.ROTATE_90), name,
                                                 exif=exif.tobytes()))
+    truth.append(_truth_line("rotated-exif6", caption, [("a tall purple rectangle", masks[1]),
+                                                        ("an orange circle", masks[0])]))
+    files["truth.jsonl"] = _jsonl(truth)
 
     for name, img, caption in _natural_images():
         add(name.rsplit(".", 1)[0], name, caption, _encode(img, name))
@@ -276,7 +262,7 @@ def sample_rows(out_dir: str | Path) -> tuple[list[dict], list[str]]:
 
 
 def _good_ids() -> list[str]:
-    ids = [name.rsplit(".", 1)[0] for name, *_ in _SCENES] + ["rotated-exif6"]
+    ids = [name.rsplit(".", 1)[0] for name in _SCENE_FILES] + ["rotated-exif6"]
     ids += [name.rsplit(".", 1)[0] for _, name, _ in _NATURAL] + ["no-nouns"]
     return ids
 
@@ -290,14 +276,15 @@ def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
 def write_sample_variants(out_dir: str | Path) -> dict[str, Path]:
     """The sample's good images in the other input formats, next to ``captions.jsonl``.
 
-    Returns ``{"llava": llava.json, "coco": coco_captions.json, "coco_images": images/,
-    "webdataset": wds/}``. COCO ``file_name`` is relative to ``images/`` (set ``input.image_root``);
+    Returns ``{"llava": llava.json, "llava_truth": truth-llava.jsonl, "coco": coco_captions.json,
+    "coco_images": images/, "webdataset": wds/}``; the generated scenes' LLaVA rows are their
+    two-round conversations, and ``truth-llava.jsonl`` their phrases' masks (turns 1 and 3). COCO ``file_name`` is relative to ``images/`` (set ``input.image_root``);
     the LLaVA JSON uses ``images/...`` paths relative to its own folder; ``wds/`` holds
     ``sample-000000.tar`` and ``sample-000001.tar`` (``{key}.jpg|png|webp`` + ``{key}.txt``, one
     sample with a ``{key}.json`` conversation instead).
     """
     out = Path(out_dir)
-    paths = {"llava": out / "llava.json", "coco": out / "coco_captions.json",
+    paths = {"llava": out / "llava.json", "llava_truth": out / "truth-llava.jsonl", "coco": out / "coco_captions.json",
              "coco_images": out / "images", "webdataset": out / "wds"}
     rows, good_ids = sample_rows(out)
     if _stamp_ok(out, _VARIANTS_STAMP):
@@ -308,9 +295,13 @@ def write_sample_variants(out_dir: str | Path) -> dict[str, Path]:
             seen.add(r["id"])
             good.append(r)
 
+    # the generated scenes keep their own two-round conversation (truth-llava.jsonl: its phrases)
+    generated = {name.rsplit(".", 1)[0]: scene for name, scene in sample_scenes()}
     llava = [{"id": r["id"], "image": r["image"],
-              "conversations": [{"from": "human", "value": "<image>\nDescribe the picture in one sentence."},
-                                {"from": "gpt", "value": r["caption"]}]} for r in good]
+              "conversations": generated[r["id"]].conversation if r["id"] in generated else
+              [{"from": "human", "value": "<image>\nDescribe the picture in one sentence."},
+               {"from": "gpt", "value": r["caption"]}]} for r in good]
+    llava_truth = [generated[r["id"]].truth(r["id"], conversation=True) for r in good if r["id"] in generated]
 
     images, annotations = [], []
     for n, r in enumerate(good, start=1):
@@ -334,7 +325,7 @@ def write_sample_variants(out_dir: str | Path) -> dict[str, Path]:
         else:
             members.append((f"{key}.txt", r["caption"].encode("utf-8")))
 
-    files = {"llava.json": json.dumps(llava, indent=1).encode(),
+    files = {"llava.json": json.dumps(llava, indent=1).encode(), "truth-llava.jsonl": _jsonl(llava_truth),
              "coco_captions.json": json.dumps(coco, indent=1).encode(),
              "wds/sample-000000.tar": _tar_bytes(shards[0]),
              "wds/sample-000001.tar": _tar_bytes(shards[1])}

@@ -36,7 +36,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lookandlearn", description="Look&Learn pseudo-grounding data engine")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and Ray's own logs, worker output and progress bars (hidden by default)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -45,16 +46,28 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--out", help="output folder (overrides output.path)")
     build.add_argument("--set", dest="overrides", action="append", default=[], metavar="dotted.key=value",
                        help="override a manifest field, e.g. --set detect.box_threshold=0.3 (repeatable)")
-    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar (the summary table is still printed)")
     build.add_argument("--overwrite", action="store_true",
                        help="remove what an earlier build left in the output folder and build from scratch "
                             "(default: a rerun with other settings is refused)")
 
     tiny = sub.add_parser("tiny-models", help="write randomly initialised tiny GroundingDINO and SAM models (tests, offline sample)")
     tiny.add_argument("dir")
+    tiny.add_argument("--family", action="append", default=[], metavar="FAMILY",
+                      choices=["mm-grounding-dino", "owlv2", "sam_hq", "sam2", "sam3"],
+                      help="also write this family's tiny random model (repeatable; README 'Model families')")
 
     sample = sub.add_parser("sample-data", help="write the bundled offline sample inputs (captions.jsonl + images)")
     sample.add_argument("dir")
+
+    conv = sub.add_parser("convert", help="turn an original SAM / GroundingDINO checkpoint into a transformers "
+                                          "folder (for the default backend; see README, Backends)")
+    conv.add_argument("kind", choices=["sam", "groundingdino"], help="which model the checkpoint holds")
+    conv.add_argument("checkpoint", metavar="CHECKPOINT", help="original .pth (e.g. sam_vit_h_4b8939.pth)")
+    conv.add_argument("--out", required=True, metavar="DIR", help="transformers folder to write")
+    conv.add_argument("--config", metavar="FILE", help="groundingdino: the original config .py (e.g. GroundingDINO_SwinT_OGC.py)")
+    conv.add_argument("--text-encoder", metavar="DIR", help="groundingdino: local bert-base-uncased folder "
+                                                             "(default: the config's text_encoder_type)")
 
     insp = sub.add_parser("inspect", help="report acceptance/grounding rates, judge latency and errors, worst shards; "
                                           "--html writes a self-contained gallery page")
@@ -80,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--revision", metavar="BRANCH", help="Hub branch to commit to (default: main)")
     pub.add_argument("--message", metavar="TEXT", help="Hub commit message")
 
-    trn = sub.add_parser("train", help="fine-tune a VLM with LM loss + λ·where-to-look attention loss (see manifests/train-*.yaml)")
+    trn = sub.add_parser("train", help="fine-tune a VLM with LM loss + λ·where-to-look attention loss (see manifests/train-*.yaml); "
+                                       "TensorBoard logs, loss_history.csv and loss_curve.png in train.output_dir")
     trn.add_argument("manifest", help="YAML training manifest (see manifests/train-sample.yaml)")
     trn.add_argument("--set", dest="overrides", action="append", default=[], metavar="dotted.key=value",
                      help="override a manifest field, e.g. --set wtl.lambda=0.3 (repeatable)")
@@ -96,8 +110,10 @@ def _parser() -> argparse.ArgumentParser:
     shapes.add_argument("--work", default="out/experiment-shapes", help="working folder (data, models)")
     shapes.add_argument("--results", default="bench/results/experiment-shapes.md", help="results table (Markdown)")
 
-    # evaluate KIND ...: one sub-command per kind of evaluation (judge; grounding next)
-    evaluate = sub.add_parser("evaluate", help="evaluate a build's verdicts (judge) against human labels")
+    # evaluate KIND ...: one sub-command per kind of evaluation
+    about = ("evaluate a build or a model: judge (verdicts vs human labels), labels (groundings vs gold masks), "
+             "coco-truth (gold masks from COCO), grounding (a trained model's attention as masks)")
+    evaluate = sub.add_parser("evaluate", help=about, description=about)
     ev_sub = evaluate.add_subparsers(dest="evaluate_command", required=True, parser_class=_Parser)
     ev_judge = ev_sub.add_parser("judge", help="agreement of judge verdicts with human labels: accept precision, "
                                                "recall, overall agreement (several OUTs compare judges/prompts)")
@@ -105,6 +121,21 @@ def _parser() -> argparse.ArgumentParser:
     ev_judge.add_argument("--labels", required=True, metavar="FILE",
                           help='JSONL: {"key", "entity", "region", "accept": true|false} per line (see README)')
     ev_judge.add_argument("--json", metavar="FILE", help="also write the full results as JSON to FILE ('-' = stdout only)")
+    ev_lab = ev_sub.add_parser("labels", help="a build's groundings against gold masks: entity precision, recall, "
+                                              "F1 (IoU >= 0.5), IoU distribution, false grounding (see README)")
+    ev_lab.add_argument("out", metavar="OUT", help="build output folder")
+    ev_lab.add_argument("--truth", required=True, metavar="FILE",
+                        help='JSONL: {"id", "entities": [{"turn", "start", "end", "phrase", "mask": RLE|null}]} per input')
+    ev_lab.add_argument("--iou", type=float, default=0.5, help="IoU at which a grounding counts as correct (0.5)")
+    ev_lab.add_argument("--top", type=int, default=20, help="phrase roots to list (0 = all)")
+    ev_lab.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                        help="print the report as JSON instead of tables (--json), or also write it to FILE")
+    ev_coco = ev_sub.add_parser("coco-truth", help="write a truth file for `evaluate labels` from COCO instance "
+                                                   "annotations and a file linking phrases to annotation ids")
+    ev_coco.add_argument("instances", metavar="INSTANCES", help="COCO instances JSON (images, annotations)")
+    ev_coco.add_argument("--links", required=True, metavar="FILE",
+                         help='JSONL: {"id", "image_id", "entities": [{"turn", "start", "end", "phrase", "annotations": [ids]}]}')
+    ev_coco.add_argument("--out", required=True, metavar="FILE", help="truth JSONL to write")
     ev_gr = ev_sub.add_parser("grounding", help="attention read-out as masks: heatmaps of phrase tokens mapped to "
                                                 "pixels, thresholded; mask IoU, cIoU/gIoU, pointing game, overlays")
     ev_gr.add_argument("--model", required=True, help="VLM folder or hub id (e.g. a `lookandlearn train` output_dir)")
@@ -116,7 +147,8 @@ def _parser() -> argparse.ArgumentParser:
     ev_gr.add_argument("--threshold", choices=["relative", "otsu", "topk"], default="relative")
     ev_gr.add_argument("--value", type=float, help="relative: fraction of max (0.5); topk: fraction of pixels (0.1)")
     ev_gr.add_argument("--limit", type=int)
-    ev_gr.add_argument("--overlays", metavar="DIR", help="write overlay PNGs here")
+    ev_gr.add_argument("--overlays", metavar="DIR", help="write overlay PNGs here: phrase, attention heat map, read-out "
+                                                          "and true mask outlines, cropped-away pixels in grey (see README)")
     ev_gr.add_argument("--json", metavar="FILE", help="write the results as JSON")
     return parser
 
@@ -134,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 # here (pipeline.inspect pulls in pandas; a failing import must not hide the real error).
 _BAD_INPUT_ERRORS = (("pipeline.manifest", "ManifestError"), ("stages.models", "ModelUnavailableError"),
                      ("stages.record.shards", "NotAnOutputError"), ("pipeline.publish", "PublishError"),
-                     ("pipeline.evaluate_judge", "LabelError"))
+                     ("pipeline.evaluate_judge", "LabelError"), ("pipeline.convert", "ConvertError"))
 
 
 def _bad_input(name: str, exc: Exception) -> bool:
@@ -182,14 +214,10 @@ def _build(args) -> int:
     from pipeline.runner import build
 
     manifest = load_manifest(args.manifest, args.overrides, out=args.out)
-    stats = build(manifest, progress=not args.no_progress, overwrite=args.overwrite)
-    run = stats.get("last_run", {})
-    print(f"wrote {stats['samples_out']} samples in {stats['shards']} shards to {manifest.output.path} "
-          f"({stats['samples_rejected']} inputs rejected; {run.get('samples_per_second')} samples/s this run)")
-    redone = run.get("shards_redone") or {}
-    if redone:
-        print(f"shards redone: {sum(redone.values())} "
-              f"({', '.join(f'{n} {why}' for why, n in sorted(redone.items()))}: incomplete or corrupt)")
+    stats = build(manifest, progress=not args.no_progress, overwrite=args.overwrite, verbose=args.verbose)
+    from pipeline.console import print_summary
+
+    print_summary(stats, str(manifest.output.path))  # shards, samples, top rejections, wall time, samples/s
     return EXIT_OK
 
 
@@ -198,6 +226,11 @@ def _tiny_models(args) -> int:
 
     for name, path in write_tiny_models(Path(args.dir)).items():
         print(f"{name}: {path}")
+    if args.family:
+        from devkit.tiny_families import write_tiny_family
+
+        for family in args.family:
+            print(f"{family}: {write_tiny_family(Path(args.dir), family)} (RANDOM weights, tests only)")
     return EXIT_OK
 
 
@@ -205,6 +238,19 @@ def _sample_data(args) -> int:
     from devkit.sample_data import write_sample_data
 
     print(write_sample_data(Path(args.dir)))
+    return EXIT_OK
+
+
+def _convert(args) -> int:
+    if args.kind == "sam":
+        from pipeline.convert import convert_sam
+
+        print(f"wrote {convert_sam(args.checkpoint, args.out)}: use it as segment.model (segment.backend: transformers)")
+    else:
+        from pipeline.convert_gdino import convert_groundingdino
+
+        folder = convert_groundingdino(args.checkpoint, args.out, config=args.config, text_encoder=args.text_encoder)
+        print(f"wrote {folder}: use it as detect.model (detect.backend: transformers)")
     return EXIT_OK
 
 
@@ -280,6 +326,19 @@ def _evaluate_judge(args) -> int:
     return EXIT_OK
 
 
+def _evaluate_labels(args) -> int:
+    from pipeline.evaluate_labels import main as labels_main
+
+    return labels_main(args)
+
+
+def _evaluate_coco_truth(args) -> int:
+    from pipeline.labels_truth import coco_truth, write_truth
+
+    print(write_truth(coco_truth(args.instances, args.links), args.out))
+    return EXIT_OK
+
+
 def _evaluate_grounding(args) -> int:
     from pipeline.evaluate_grounding import main as grounding_main
 
@@ -291,12 +350,15 @@ _COMMANDS = {
     "build": _build,
     "tiny-models": _tiny_models,
     "sample-data": _sample_data,
+    "convert": _convert,
     "inspect": _inspect,
     "publish": _publish,
     "train": _train,
     "experiment shapes": _experiment_shapes,
     "evaluate judge": _evaluate_judge,
     "evaluate grounding": _evaluate_grounding,
+    "evaluate labels": _evaluate_labels,
+    "evaluate coco-truth": _evaluate_coco_truth,
 }
 # further exit-2 errors of one command: a build asking for a judge or feature that is not available
 _ALSO_BAD_INPUT: dict[str, tuple[type[Exception], ...]] = {"build": (NotImplementedError,)}

@@ -27,16 +27,28 @@ def _setup(args):
     return model, processor, family, capture, Collator(processor.tokenizer.pad_token_id, family)
 
 
-def _save_overlay(path: Path, image, heat_pixels, mask=None):
+def _save_overlay(path: Path, image, heat_pixels, geometry, phrase: str, pred, truth=None):
+    """The phrase's overlay PNG (``stages/train/overlay.py``): heat map, read-out and true mask outlines,
+    the pixels the model's processor cropped away in grey, the phrase and the legend below."""
     from PIL import Image
 
-    from stages.train.readout import overlay
+    from stages.train.overlay import render_overlay
+    from stages.train.readout import iou
 
+    seen = geometry.grid_to_image(np.ones((geometry.grid_h, geometry.grid_w), np.float32)) > 0.5
+    scores = None
+    if truth is not None:
+        inter, union = iou(pred.astype(bool), truth.astype(bool))
+        scores = {"IoU": inter / max(union, 1)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(overlay(image, heat_pixels, mask)).save(path)
+    Image.fromarray(render_overlay(image, heat_pixels, phrase, pred=pred, truth=truth, seen=seen,
+                                   scores=scores)).save(path)
 
 
 def main(args) -> int:
+    from stages.extras import require
+
+    require("lookandlearn evaluate grounding", "skimage")  # the read-out's threshold and outlines
     from stages.record.shards import shard_paths
     from stages.train.data import DataConfig, build_example, decode_image, entity_mask, iter_shard_samples
     from stages.train.readout import entity_heatmaps, score_split, threshold
@@ -66,8 +78,9 @@ def main(args) -> int:
             for i, ex in enumerate(examples[:50]):
                 for j, grid in enumerate(entity_heatmaps(model, capture, [ex], collator)[0]):
                     pix = ex["geometry"].grid_to_image(grid)
-                    _save_overlay(Path(args.overlays) / f"{ex['key']}-{j}.png", images[i], pix,
-                                  threshold(pix, args.threshold, args.value))
+                    _save_overlay(Path(args.overlays) / f"{ex['key']}-{j}.png", images[i], pix, ex["geometry"],
+                                  ex["entities"][j]["phrase"], threshold(pix, args.threshold, args.value),
+                                  truth=masks[i][j] if j < len(masks[i]) else None)
     else:
         from PIL import Image
 
@@ -79,7 +92,7 @@ def main(args) -> int:
             if s < 0:
                 print(f"error: phrase {p!r} not in caption {caption!r}")
                 return EXIT_BAD_INPUT
-            ents.append({"id": k, "phrase": p, "start": s, "end": s + len(p), "turn": None, "status": "grounded",
+            ents.append({"id": k, "phrase": p, "start": s, "end": s + len(p), "turn": -1, "status": "grounded",
                          "regions": [k]})
         h, w = image.shape[:2]
         from stages.record import rle
@@ -96,7 +109,8 @@ def main(args) -> int:
             pred = threshold(pix, args.threshold, args.value)
             result["phrases"].append({"phrase": p, "mask_fraction": float(pred.mean())})
             if args.overlays:
-                _save_overlay(Path(args.overlays) / f"{rec['key']}-{p.replace(' ', '_')}.png", image, pix, pred)
+                _save_overlay(Path(args.overlays) / f"{rec['key']}-{p.replace(' ', '_')}.png", image, pix,
+                              ex["geometry"], p, pred)
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

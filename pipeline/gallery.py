@@ -1,12 +1,14 @@
 """``lookandlearn inspect OUT --html FILE``: one self-contained HTML page to look at samples.
 
 Everything is inside the file (no network, no external resources): each sample's image is a
-downscaled JPEG data URI; each candidate region's mask is a small PNG data URI (decoded by
-stages/record/rle.py, drawn with PIL at display size, coloured by verdict: accepted green, rejected red)
-stacked over the image with CSS opacity; boxes are drawn as SVG. The samples are one JSON blob
-that a small script pages through client-side (24 per page), so the browser decodes only the
-images of the page on screen. Filters: entity status checkboxes and a phrase/root text filter.
-The page itself (styles, script) is the template pipeline/templates/gallery.html (package data).
+downscaled JPEG data URI; each candidate region's mask is a small 1-bit PNG data URI (decoded by
+stages/record/rle.py, drawn with PIL at display size, opaque inside), which the page uses as a CSS
+``mask-image`` over a layer of the entity's colour; boxes and their labels are drawn as SVG. The
+colours and verdict styles, the label placement and the URL state live in the page's script. The
+samples are one JSON blob that the script pages through client-side (24 per page), so the browser
+decodes only the images of the page on screen. Filters: entity status checkboxes and a
+phrase/root text filter. The page itself (styles, script) is the template
+pipeline/templates/gallery.html (package data).
 
 A run of many thousands of samples is subsampled evenly to ``max_samples`` (the page says so).
 """
@@ -23,13 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.record import ENTITY_STATUSES, speaker
+from stages.record import CAPTION_TURN, ENTITY_STATUSES, is_caption_turn, speaker
 from stages.record import rle as rle_codec
 from stages.record.shards import iter_records, shard_files
-
-ACCEPT_RGB = (34, 197, 94)
-REJECT_RGB = (239, 68, 68)
-
 
 def _data_uri(mime: str, data: bytes) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
@@ -51,8 +49,9 @@ def _image_uri(image: bytes, size: tuple[int, int], quality: int) -> str:
     return _data_uri("image/jpeg", buf.getvalue())
 
 
-def _mask_uri(rle: dict, size: tuple[int, int], rgb: tuple[int, int, int]) -> str | None:
-    """A 1-bit palette PNG (transparent outside, ``rgb`` inside) at display size."""
+def _mask_uri(rle: dict, size: tuple[int, int]) -> str | None:
+    """A 1-bit palette PNG at display size: transparent outside, opaque white inside (an alpha
+    mask; the page colours it by entity)."""
     try:
         mask = rle_codec.decode(rle)
     except Exception:  # noqa: BLE001 — a broken mask must not stop the page; the region shows without one
@@ -61,7 +60,7 @@ def _mask_uri(rle: dict, size: tuple[int, int], rgb: tuple[int, int, int]) -> st
     if im.size != size:
         im = im.resize(size, Image.Resampling.BILINEAR)
     im = im.point(lambda v: 1 if v >= 128 else 0).convert("P")
-    im.putpalette([0, 0, 0, *rgb])
+    im.putpalette([0, 0, 0, 255, 255, 255])
     buf = io.BytesIO()
     im.save(buf, "PNG", transparency=0, bits=1, optimize=True)
     return _data_uri("image/png", buf.getvalue())
@@ -72,7 +71,17 @@ def _text_blocks(record: dict) -> list[dict]:
     if "conversations" in text:
         return [{"turn": i, "label": str(speaker(t) or ""), "text": str(t.get("value", ""))}
                 for i, t in enumerate(text["conversations"])]
-    return [{"turn": None, "label": "caption", "text": str(text.get("caption", ""))}]
+    if isinstance(text.get("captions"), list):
+        return [{"turn": i, "label": f"caption {i + 1}", "text": str(c)} for i, c in enumerate(text["captions"])]
+    return [{"turn": CAPTION_TURN, "label": "caption", "text": str(text.get("caption", ""))}]
+
+
+def _entity(e: dict) -> dict:
+    out = {k: e.get(k) for k in ("id", "phrase", "start", "end", "turn", "root", "plural", "status",
+                                 "reason", "regions")}
+    if is_caption_turn(out["turn"]):
+        out["turn"] = CAPTION_TURN   # schema-1 records wrote null
+    return out
 
 
 def _sample(record: dict, image: bytes | None, shard: str, max_width: int, quality: int) -> dict:
@@ -89,11 +98,9 @@ def _sample(record: dict, image: bytes | None, shard: str, max_width: int, quali
             "det": r.get("det_score"), "mask_score": r.get("mask_score"), "accept": accept,
             "reason": verdict.get("reason", ""), "judge": verdict.get("judge", ""),
             "prompt": verdict.get("prompt", ""),
-            "mask": _mask_uri(r["mask_rle"], size, ACCEPT_RGB if accept else REJECT_RGB)
-            if r.get("mask_rle") else None,
+            "mask": _mask_uri(r["mask_rle"], size) if r.get("mask_rle") else None,
         })
-    entities = [{k: e.get(k) for k in ("id", "phrase", "start", "end", "turn", "root", "plural", "status",
-                                        "reason", "regions")} for e in record.get("entities", [])]
+    entities = [_entity(e) for e in record.get("entities", [])]
     return {
         "key": record["key"], "shard": shard, "source": record.get("source", {}),
         "width": width, "height": height, "w": size[0], "h": size[1],

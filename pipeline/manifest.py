@@ -35,6 +35,26 @@ class InputConfig(_Section):
                            "samples are rejected with 'outside_image_root: <path>'")
     limit: int | None = Field(None, ge=1, description="use only the first N inputs")
     dataset: str | None = Field(None, description="source dataset name recorded in every sample (default: manifest name)")
+    coco_per_image: bool = Field(
+        False, description="coco-captions only: one sample per image holding all its captions (text.captions; "
+                           "entity turn = caption index) instead of one sample per caption")
+
+    @model_validator(mode="after")
+    def _per_image_is_coco(self):
+        if self.coco_per_image and self.format != "coco-captions":
+            raise ValueError(f"input.coco_per_image is only for input.format coco-captions (got {self.format!r})")
+        return self
+
+
+class CardConfig(_Section):
+    """What the dataset card (README.md of the build) says about the source data; none of it
+    changes a shard (left out of the settings fingerprint)."""
+    license: str = Field("other", description="Hub license id of the build (e.g. cc-by-4.0, the source's terms); "
+                                              "'other' with license_name / license_link for anything else")
+    license_name: str | None = Field(None, description="name of an 'other' license (Hub card license_name)")
+    license_link: str | None = Field(None, description="URL or file of an 'other' license (Hub card license_link)")
+    homepage: str | None = Field(None, description="the source dataset's homepage, linked from the card")
+    citation: str | None = Field(None, description="BibTeX of the source dataset, printed in the card")
 
 
 class OutputConfig(_Section):
@@ -68,6 +88,7 @@ class Manifest(_Section):
     adjudicate: AdjudicateConfig = AdjudicateConfig()
     output: OutputConfig = OutputConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    card: CardConfig = CardConfig()
 
     @field_validator("name")
     @classmethod
@@ -178,10 +199,18 @@ def load_manifest(path: str | Path, overrides: list[str] | None = None, out: str
     if out:
         data.setdefault("output", {})["path"] = out
     # Relative input/output paths are relative to the working directory, like any CLI.
+    return validate_manifest(data, str(path))
+
+
+def validate_manifest(data: dict, source: str = "(dict)") -> Manifest:
+    """A manifest from a dict (a loaded YAML file, or one built in Python: the ``lookandlearn``
+    API); an invalid one is a :class:`ManifestError` naming each bad field and ``source``."""
+    if not isinstance(data, dict):
+        raise ManifestError(f"manifest {source} must be a mapping, not {type(data).__name__}")
     try:
         return Manifest.model_validate(data)
     except ValidationError as err:
-        raise ManifestError(_format_error(err, str(path))) from None
+        raise ManifestError(_format_error(err, source)) from None
 
 
 def manifest_to_dict(manifest: Manifest) -> dict:

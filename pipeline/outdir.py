@@ -24,6 +24,7 @@ from stages.record.shards import LAYOUT
 NOT_SHAPING = {
     "runtime": None,  # the whole section: executor, workers, device, dtype, batch sizes, seed
     "output": ("path",),
+    "card": None,     # license, homepage, citation: only the dataset card says them
     "adjudicate": ("base_url", "api_key_env", "concurrency", "workers", "batch_size", "timeout_s",
                    "max_retries", "backoff_s", "max_backoff_s", "max_retry_after_s",
                    "requests_per_minute", "tokens_per_minute", "cache_from"),

@@ -17,22 +17,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from collections import defaultdict
+from contextlib import closing
 from pathlib import Path
 
 import yaml
-from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.manifest import InputConfig, Manifest, ManifestError, manifest_to_dict
+from pipeline.shared_limits import shared_limiter
 from stages.adjudicate import AdjudicateStage
 from stages.base import Stage, run_stages
 from stages.ground_segment import GroundAndSegment, PrepareStage
 from stages.parse import ParseStage
 from stages.read import ReadStage
-from stages.record import rows as batch_rows
+from stages.record import ROW_OK, SCHEMA_VERSION, rows as batch_rows
 
 log = logging.getLogger("lookandlearn")
 
@@ -60,12 +60,15 @@ def build_stages(manifest: Manifest) -> list[Stage]:
 _WORKER_STAGES: dict = {}
 
 
-def _worker_stage(index: int, manifest_json: str) -> Stage:
-    stage = _WORKER_STAGES.get((index, manifest_json))
+def _worker_stage(index: int, manifest_json: str, limiter=None) -> Stage:
+    key = (index, manifest_json, getattr(limiter, "name", None))
+    stage = _WORKER_STAGES.get(key)
     if stage is None:
         stage = build_stages(Manifest.model_validate_json(manifest_json))[index]
+        if limiter is not None:
+            stage.limiter = limiter
         stage.setup()
-        _WORKER_STAGES[(index, manifest_json)] = stage
+        _WORKER_STAGES[key] = stage
     return stage
 
 
@@ -81,8 +84,8 @@ def _cpu_task(index: int, name: str, manifest_json: str):
 class _StageActor:
     """A stage in a Ray actor: built and set up once (the model loads when the actor starts)."""
 
-    def __init__(self, index: int, manifest_json: str):
-        self.stage = _worker_stage(index, manifest_json)
+    def __init__(self, index: int, manifest_json: str, limiter=None):
+        self.stage = _worker_stage(index, manifest_json, limiter)
 
     def __call__(self, batch: dict) -> dict:
         return self.stage(batch)
@@ -127,10 +130,12 @@ def check_output_matches(out: Path, manifest: Manifest) -> None:
 
 def check_models(manifest: Manifest) -> None:
     """Fail before any work when a model cannot be loaded (e.g. offline and not cached)."""
-    from stages.models import check_model_available
+    from stages.backends.check import check_detector, check_segmenter
+    from stages.families import is_grounder
 
-    check_model_available(manifest.detect.model, manifest.detect.revision, "detect.model")
-    check_model_available(manifest.segment.model, manifest.segment.revision, "segment.model")
+    check_detector(manifest.detect, "detect.model")
+    if not is_grounder(manifest.detect):  # SAM 3 makes the masks itself: segment.model is not used
+        check_segmenter(manifest.segment, "segment.model")
 
 
 def check_cluster_fits(stages: list[Stage], cluster: dict, use_gpu: bool) -> None:
@@ -195,14 +200,24 @@ def _input_rows(items: list[dict]) -> list[dict]:
 
 # --- executors -----------------------------------------------------------------------------
 
-def _execute_local(manifest: Manifest, rows: list[dict]):
+def setup_stages(manifest: Manifest) -> list[Stage]:
+    """The stage list, set up in this process (models loaded): the local executor, the Python API."""
     stages = build_stages(manifest)
     for stage in stages:
         stage.setup()
-    size = manifest.runtime.cpu_batch_size
-    for start in range(0, len(rows), size):
-        chunk = rows[start:start + size]
+        stage._ready = True  # the row loop need not call setup() again
+    return stages
+
+
+def run_local(stages: list[Stage], rows: list[dict], batch_size: int):
+    """Input rows through set-up stages in this process, ``batch_size`` rows a batch: the output batches."""
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
         yield run_stages(stages, {k: [r[k] for r in chunk] for k in chunk[0]})
+
+
+def _execute_local(manifest: Manifest, rows: list[dict]):
+    yield from run_local(setup_stages(manifest), rows, manifest.runtime.cpu_batch_size)
 
 
 # What the plan may hold in the object store at once (issue 9, bench/stream.py). With the whole
@@ -241,16 +256,22 @@ def _cpu_task_cpus(stages: list[Stage], cpus: float) -> float:
     return min(1.0, max(cpus - held, 1.0) / max(runs, 1))
 
 
-def _execute_ray(manifest: Manifest, rows: list[dict]):
+def _execute_ray(manifest: Manifest, rows: list[dict], first: int = 0, verbose: bool = False):
+    """The Ray Data plan of the stages (from number ``first`` on: tests start later with rows that
+    hold what that stage reads); yields the output batches. Ray's own logs, worker output and
+    progress bars reach the console only when ``verbose`` (``-v``; ``pipeline.console.quiet_ray``)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     import ray.data
 
+    from pipeline.console import quiet_ray
+
     runtime = manifest.runtime
-    started_here = False
+    started_here, limiters = False, []
     if not ray.is_initialized():
-        kwargs = {"include_dashboard": False, "log_to_driver": True,
-                  "logging_level": logging.WARNING}
+        # quiet: no worker output forwarded, only Ray's errors (its logs stay in its session folder)
+        kwargs = {"include_dashboard": False, "log_to_driver": verbose,
+                  "logging_level": logging.INFO if verbose else logging.ERROR}
         if runtime.ray_address:
             kwargs["address"] = runtime.ray_address
         else:
@@ -258,6 +279,7 @@ def _execute_ray(manifest: Manifest, rows: list[dict]):
             kwargs["object_store_memory"] = runtime.object_store_memory_mb * _MB
         ray.init(**kwargs)
         started_here = True
+    quiet = None if verbose else quiet_ray(ray)
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # shards complete in order
@@ -270,6 +292,8 @@ def _execute_ray(manifest: Manifest, rows: list[dict]):
         task_cpus = _cpu_task_cpus(build_stages(manifest), cpus)
         ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // runtime.cpu_batch_size))
         for index, stage in enumerate(build_stages(manifest)):
+            if index < first:
+                continue
             res = stage.resources
             size = res.batch_size or runtime.cpu_batch_size
             common = {"batch_size": size, "batch_format": "numpy"}
@@ -278,6 +302,10 @@ def _execute_ray(manifest: Manifest, rows: list[dict]):
                 continue
             actor = {"fn_constructor_kwargs": {"index": index, "manifest_json": manifest_json},
                      "compute": ray.data.ActorPoolStrategy(size=res.workers)}
+            limiter = shared_limiter(ray, stage)
+            if limiter is not None:  # rate limits for all the stage's actors together
+                limiters.append(limiter)
+                actor["fn_constructor_kwargs"]["limiter"] = limiter
             if res.kind == "io":
                 # waits on the network, not the CPU: no CPU reserved, so it never starves the CPU stages
                 ds = ds.map_batches(_actor_class(stage.name), num_cpus=0, **actor, **common)
@@ -289,15 +317,20 @@ def _execute_ray(manifest: Manifest, rows: list[dict]):
             ds = ds.map_batches(_actor_class(stage.name), num_cpus=actor_cpus, **extra, **actor, **common)
         yield from ds.iter_batches(batch_size=None, batch_format="numpy")
     finally:
+        for limiter in limiters:
+            ray.kill(limiter.actor)
         if started_here:
             ray.shutdown()
+        if quiet is not None:
+            quiet.close()
 
 
 # --- the build -----------------------------------------------------------------------------
 
-def build(manifest: Manifest, progress: bool = True, overwrite: bool = False) -> dict:
+def build(manifest: Manifest, progress: bool = True, overwrite: bool = False, verbose: bool = False) -> dict:
     """Build into ``output.path`` holding its lock (``pipeline/outdir.py``); ``overwrite`` first
-    removes what an earlier build left there instead of refusing other settings."""
+    removes what an earlier build left there instead of refusing other settings. ``progress``: the
+    progress bar on stderr; ``verbose``: Ray's own logs and progress too (``-v``)."""
     from pipeline.outdir import check_is_build_folder, clear_build, lock
 
     out = Path(manifest.output.path)
@@ -308,15 +341,16 @@ def build(manifest: Manifest, progress: bool = True, overwrite: bool = False) ->
     with lock(out):
         if overwrite:
             clear_build(out)
-        return _build_locked(manifest, out, progress)
+        return _build_locked(manifest, out, progress, verbose)
 
 
-def _build_locked(manifest: Manifest, out: Path, progress: bool) -> dict:
+def _build_locked(manifest: Manifest, out: Path, progress: bool, verbose: bool = False) -> dict:
+    from pipeline.console import BuildProgress, quiet_transformers
     from pipeline.outdir import settings_of
     from pipeline.stats import aggregate_stats, resolved_models, write_card, write_resolved_manifest
     from stages.write import ShardWriter
 
-    extra = {"pipeline": __version__}
+    extra = {"pipeline": __version__, "schema": SCHEMA_VERSION}   # a new record schema never resumes old shards
     if manifest.adjudicate.judge == "openai":
         from stages.judges.prompt import load_prompt
 
@@ -330,25 +364,32 @@ def _build_locked(manifest: Manifest, out: Path, progress: bool) -> dict:
              "".join(f"; shards redone: {n} ({why})" for why, n in sorted(redone.items())))
     rows = _input_rows(pending)
     buffers: dict[int, list[dict]] = defaultdict(list)
-    written = 0
+    written = rejected = 0
     if rows:
-        execute = _execute_ray if manifest.runtime.executor == "ray" else _execute_local
-        bar = tqdm(total=len(rows), desc="samples", unit="sample", disable=not progress,
-                   file=sys.stderr, mininterval=1.0)
-        for batch in execute(manifest, rows):
-            for row in batch_rows(batch):
-                shard = int(row["shard"])
-                buffers[shard].append(row)
-                if len(buffers[shard]) == expected[shard]:
-                    writer.write_shard(shard, buffers.pop(shard))
-                    written += 1
-            bar.update(len(batch["seq"]))
-        bar.close()
+        if manifest.runtime.executor == "ray":
+            batches = _execute_ray(manifest, rows, verbose=verbose)
+        else:
+            batches = _execute_local(manifest, rows)
+        # closing(): on an error or Ctrl-C the plan ends (Ray shut down, stderr restored) before the error is reported
+        with closing(batches), BuildProgress(len(rows), len(expected), enabled=progress) as bar, \
+                quiet_transformers(verbose):
+            for batch in batches:
+                done = bad = 0
+                for row in batch_rows(batch):
+                    shard = int(row["shard"])
+                    buffers[shard].append(row)
+                    bad += row["status"] != ROW_OK
+                    if len(buffers[shard]) == expected[shard]:
+                        writer.write_shard(shard, buffers.pop(shard))
+                        done += 1
+                written, rejected = written + done, rejected + bad
+                bar.advance(len(batch["seq"]), rejected=bad, shards=done)
         if buffers:
             missing = {s: expected[s] - len(b) for s, b in buffers.items()}
             raise RuntimeError(f"rows missing from shards {missing}: the executor lost samples")
     elapsed = time.perf_counter() - started
-    run = {"samples_processed": len(rows), "shards_written": written, "shards_skipped": skipped,
+    run = {"samples_processed": len(rows), "samples_rejected": rejected, "shards_written": written,
+           "shards_skipped": skipped,
            "shards_redone": redone, "wall_seconds": round(elapsed, 2),
            "samples_per_second": round(len(rows) / elapsed, 3) if rows and elapsed else None,
            "executor": manifest.runtime.executor}

@@ -10,7 +10,10 @@ from pathlib import Path
 import yaml
 
 from pipeline.manifest import Manifest, manifest_to_dict
+from stages.families import is_grounder
 from stages.judges.stats import merge_judge_stats
+from stages.record import SCHEMA_VERSION
+from stages.record.features import card_features
 
 
 def aggregate_stats(out_dir: Path, run: dict | None = None) -> dict:
@@ -103,11 +106,14 @@ CARD_TEMPLATE = """---
 
 # {name}
 
-Pseudo-grounding dataset built with [Look&Learn](https://github.com/) `{version}`: every concrete
-noun phrase of each caption is tied to segmentation masks of the image regions it names
+Pseudo-grounding dataset built with Look&Learn `{version}` (sample schema {schema}): every
+concrete noun phrase of each caption is tied to segmentation masks of the image regions it names
 (GroundingDINO boxes → SAM masks → judged), or marked as not grounded with the reason.
 
 {warning}
+
+## Source data
+{source_rows}
 
 ## Contents
 - `shards/*.tar`: WebDataset shards; per sample `{{key}}.jpg|png|webp` and `{{key}}.json`
@@ -117,9 +123,11 @@ noun phrase of each caption is tied to segmentation masks of the image regions i
 - `stats.json` (totals; `stats/*.json` per shard) and `manifest.resolved.yaml` (the manifest as run).
 
 ## Sample schema
-`{{key}}.json`: `key`; `source` (`dataset`, `id`); `image` (`width`, `height`, `sha256`); `text`
-(`caption`, or `conversations`); `entities[]` (`id`, `phrase`, `start`/`end` character offsets into
-the caption or into turn `turn`, `root`, `plural`, `expression`, `status` = grounded | rejected |
+`{{key}}.json`: `key`; `source` (`dataset`, `id`, `meta` = the input's extra fields as JSON:
+url, license, similarity ...); `image` (`width`, `height`, `sha256`); `text` (`caption`,
+`captions`, or `conversations`); `entities[]` (`id`, `phrase`, `start`/`end` character offsets into
+the text of `turn`: -1 the caption, else the index into `captions` or `conversations`, `root`,
+`plural`, `expression`, `status` = grounded | rejected |
 ungrounded | skipped, `regions` = accepted region ids, `reason`); `regions[]` (`id`, `entity`,
 `box_xyxy` in pixels, `det_score`, `mask_rle` COCO RLE at the stored size, `mask_score`, `area`,
 `verdict`); `provenance`. Every field is described in `docs/schema.md` of Look&Learn `{version}`.
@@ -129,9 +137,14 @@ The `configs` entry in this card's header points `load_dataset` at the shards:
 ```python
 from datasets import load_dataset
 ds = load_dataset("USER/NAME", split="train")  # this repository's id, or its local folder
-# any copy of the shards:
-ds = load_dataset("webdataset", data_files={{"train": "shards/*.tar"}}, split="train")
+# any copy of the shards, alone or with other Look&Learn builds (caption or conversation, one
+# schema): the declared features (`dataset_info` above) keep every field typed the same
+from datasets import load_dataset_builder
+features = load_dataset_builder("USER/NAME").info.features
+ds = load_dataset("webdataset", data_files={{"train": ["shards/*.tar", "../other-build/shards/*.tar"]}},
+                  split="train", features=features)
 ```
+The declared features need `datasets` >= 4.7 (`source.meta` is a `Json` field).
 Each row has the image (`{image_ext}`) and the record (`json`); a region's mask is
 `pycocotools.mask.decode(region["mask_rle"])` (the counts string encoded to bytes).
 
@@ -182,15 +195,19 @@ def write_card(out_dir: Path, manifest: Manifest, stats: dict, resolved: dict, v
     with the ``configs`` entry ``datasets.load_dataset(repo)`` follows) plus the statistics,
     the models with revisions, the judge and prompt version, and the resolved manifest."""
     out_dir = Path(out_dir)
+    card = manifest.card
     header = {
         "pretty_name": manifest.name,
-        "license": "other",
+        "license": card.license,
+        **{k: v for k, v in (("license_name", card.license_name), ("license_link", card.license_link)) if v},
         "language": ["en"],
         "annotations_creators": ["machine-generated"],
         "task_categories": ["image-segmentation", "image-to-text"],
         "tags": ["grounding", "referring-expression-segmentation", "webdataset", "look-and-learn"],
         "size_categories": [_size_category(stats.get("samples_out", 0))],
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "shards/*.tar"}]}],
+        "dataset_info": {"config_name": "default", "features": card_features(
+            None if manifest.image.store_format == "keep" else manifest.image.store_format)},
     }
     rates = stats.get("rates", {})
     rows = [
@@ -216,7 +233,9 @@ def write_card(out_dir: Path, manifest: Manifest, stats: dict, resolved: dict, v
         + (f" (`{res['parser']}`)" if res.get("parser") else ""),
         f"- detector: `{manifest.detect.model}` (revision `{res.get('detector_revision')}`), "
         f"box threshold {manifest.detect.box_threshold}, text threshold {manifest.detect.text_threshold}",
-        f"- segmenter: `{manifest.segment.model}` (revision `{res.get('segmenter_revision')}`)",
+        f"- segmenter: `{manifest.segment.model}` (revision `{res.get('segmenter_revision')}`)"
+        if not is_grounder(manifest.detect) else "- segmenter: none (the SAM 3 detector makes the masks; "
+                                                 "`segment.model` is not used)",
         f"- judge: `{manifest.adjudicate.judge}`" + (f", model `{manifest.adjudicate.model}`" if manifest.adjudicate.model else ""),
     ]
     for model, prompt, n in judges:
@@ -228,14 +247,30 @@ def write_card(out_dir: Path, manifest: Manifest, stats: dict, resolved: dict, v
     warning = ("> **Built with randomly initialised tiny models (tests / offline sample).** "
                "Masks and verdicts carry no meaning; do not use this data for training."
                if random_models else "")
-    card = CARD_TEMPLATE.format(
+    text = CARD_TEMPLATE.format(
         header=yaml.safe_dump(header, sort_keys=False, allow_unicode=True), name=manifest.name, version=version,
-        warning=warning, image_ext=manifest.image.store_format if manifest.image.store_format != "keep" else "jpg|png|webp",
+        schema=SCHEMA_VERSION, source_rows=_source_rows(manifest), warning=warning, image_ext=manifest.image.store_format if manifest.image.store_format != "keep" else "jpg|png|webp",
         stats_rows="\n".join(f"| {k} | {'—' if v is None else v} |" for k, v in rows),
         breakdowns=breakdowns, built_rows="\n".join(built),
         manifest_yaml=yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True),
     )
-    (out_dir / "README.md").write_text(card.replace("\n\n\n", "\n\n"))
+    (out_dir / "README.md").write_text(text.replace("\n\n\n", "\n\n"))
+
+
+def _source_rows(manifest: Manifest) -> str:
+    """The card's "Source data" section: the input, its homepage, license and citation (``card.*``)."""
+    card, inp = manifest.card, manifest.input
+    rows = [f"- dataset `{inp.dataset or manifest.name}`, read as `{inp.format}`"
+            + (" (one sample per image, all its captions)" if inp.coco_per_image else "")]
+    if card.homepage:
+        rows.append(f"- homepage: <{card.homepage}>")
+    lic = card.license_name or card.license
+    rows.append(f"- license: {lic}" + (f" (<{card.license_link}>)" if card.license_link else "")
+                + ("" if card.license != "other" or card.license_name else
+                   " — set `card.license` (or `card.license_name` / `card.license_link`) in the manifest"))
+    if card.citation:
+        rows.append("\n```bibtex\n" + card.citation.strip() + "\n```")
+    return "\n".join(rows)
 
 
 def _size_category(n: int) -> str:

@@ -68,7 +68,9 @@ class TrainSection(_S):
     logging_steps: int = 1
     seed: int = 0
     resume: bool = True  # resume from the last checkpoint in output_dir when there is one
-    report_to: str = "none"
+    # the Trainer's loggers: tensorboard (logs under output_dir/runs/; left out with a warning when the
+    # tensorboard package is missing), none, or any other transformers integration (wandb, mlflow, ...)
+    report_to: str | list[str] = "tensorboard"
 
 
 class TrainManifest(_S):
@@ -112,6 +114,10 @@ def load_model_and_processor(section: ModelSection, dtype=None):
 
 
 def run_train(m: TrainManifest) -> dict:
+    from stages.extras import require
+
+    # the HF Trainer needs accelerate; LoRA needs peft (the train extra)
+    require("lookandlearn train", "accelerate", *(["peft"] if m.train.lora.enabled else []))
     import torch
     from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
@@ -119,6 +125,7 @@ def run_train(m: TrainManifest) -> dict:
     from stages.train.attention import AttentionCapture
     from stages.record.shards import shard_paths
     from stages.train.data import Collator, DataConfig, ShardDataset
+    from pipeline.loss_curve import resolve_report_to, write_loss_outputs
     from stages.train.trainer import WTLTrainer
 
     torch.manual_seed(m.train.seed)
@@ -136,11 +143,12 @@ def run_train(m: TrainManifest) -> dict:
     if len(dataset) == 0:
         raise ValueError(f"no usable samples under {m.data.shards}")
     collator = Collator(processor.tokenizer.pad_token_id, family)
+    report_to = resolve_report_to(m.train.report_to)
     args = TrainingArguments(
         output_dir=m.train.output_dir, max_steps=m.train.max_steps, per_device_train_batch_size=m.train.batch_size,
         gradient_accumulation_steps=m.train.grad_accum, learning_rate=m.train.learning_rate,
         warmup_steps=m.train.warmup_steps, bf16=bool(bf16), logging_steps=m.train.logging_steps,
-        save_steps=m.train.save_steps, seed=m.train.seed, report_to=m.train.report_to,
+        save_steps=m.train.save_steps, seed=m.train.seed, report_to=report_to,
         remove_unused_columns=False, gradient_checkpointing=m.train.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if m.train.gradient_checkpointing else None,
         dataloader_num_workers=0, save_total_limit=2, use_cpu=not torch.cuda.is_available(),
@@ -155,5 +163,11 @@ def run_train(m: TrainManifest) -> dict:
     summary = {"name": m.name, "family": family, "samples": len(dataset), "steps": trainer.state.global_step,
                "resumed_from": last, "train_loss": result.training_loss, "capture_layers": capture.layers,
                "first": history[0] if history else None, "last": history[-1] if history else None}
+    if "tensorboard" in report_to:
+        summary["tensorboard"] = str(Path(m.train.output_dir) / "runs")  # tensorboard --logdir <this>
+    # loss_history.csv + loss_curve.png (LM loss and attention loss per logged step) beside the checkpoints
+    if trainer.is_world_process_zero():
+        summary.update(write_loss_outputs(trainer.state.log_history, m.train.output_dir,
+                                          f"{m.name}: LM loss and attention loss (lambda = {m.wtl.lambda_:g}, {m.wtl.variant})"))
     (Path(m.train.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -29,7 +29,8 @@ class AdjudicateConfig(StageConfig):
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key (read when the "
                              "client is created, never recorded; unset = a dummy key, fine for vLLM/SGLang)")
     concurrency: int = Field(16, ge=1, description="requests in flight per judge worker (judge: openai)")
-    workers: int = Field(1, ge=1, description="judge actors in the Ray plan (judge: openai); the per-minute limits are split between them")
+    workers: int = Field(1, ge=1, description="judge actors in the Ray plan (judge: openai); the per-minute limits hold for all "
+                                               "of them together (one limiter actor)")
     batch_size: int = Field(64, ge=1, description="samples per judge batch in the Ray plan (judge: openai); a batch's requests run "
                                                   "concurrently, so keep it >= concurrency")
     prompt: str = Field("judge.v1", description="prompt template: prompts/NAME.md (or a path to a .md file); its name and hash "
@@ -54,8 +55,10 @@ class AdjudicateConfig(StageConfig):
     backoff_s: float = Field(1.0, ge=0, description="first retry delay (doubles per retry, with jitter) when the server sends no Retry-After")
     max_backoff_s: float = Field(30.0, ge=0, description="longest backoff between retries")
     max_retry_after_s: float = Field(120.0, ge=0, description="a longer Retry-After is replaced by the normal backoff")
-    requests_per_minute: float | None = Field(None, gt=0, description="request rate limit (all workers together; none = unlimited)")
-    tokens_per_minute: float | None = Field(None, gt=0, description="token rate limit (estimated before, corrected after each reply)")
+    requests_per_minute: float | None = Field(None, gt=0, description="requests (HTTP attempts) within any 60 s, all workers "
+                                                                      "together; none = unlimited")
+    tokens_per_minute: float | None = Field(None, gt=0, description="tokens within any 60 s, all workers together: prompt "
+                                                                    "characters / 4 + max_tokens before a request, the reply's usage after")
     on_error: Literal["rules", "reject"] = Field(
         "rules", description="after the last retry: rules = the rules judge's verdict; reject = reject the candidates. "
                              "Either way the error is recorded with the verdict")
@@ -88,10 +91,12 @@ class AdjudicateStage(Stage):
 
     name = "adjudicate"
 
-    def __init__(self, config: AdjudicateConfig, judge: Judge | None = None, out_dir=None):
+    def __init__(self, config: AdjudicateConfig, judge: Judge | None = None, out_dir=None, limiter=None):
         self.config = config
         self.judge = judge
         self.out_dir = out_dir
+        # a rate limiter shared with the other judge workers (the runner sets it under Ray)
+        self.limiter = limiter
         if config.judge == "openai":
             self.resources = Resources("io", workers=config.workers, batch_size=config.batch_size)
         else:
@@ -99,7 +104,7 @@ class AdjudicateStage(Stage):
 
     def setup(self) -> None:
         if self.judge is None:
-            self.judge = make_judge(self.config, self.out_dir)
+            self.judge = make_judge(self.config, self.out_dir, limiter=self.limiter)
         self.judge.setup()
 
     def process(self, rows: list[Row]) -> None:

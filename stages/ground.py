@@ -21,6 +21,7 @@ interleaves with SAM's: :meth:`GroundStage.select` (which rows need the detector
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -46,6 +47,13 @@ class DetectConfig(StageConfig):
     max_boxes_per_phrase: int = Field(4, ge=1)
     max_text_tokens: int = Field(256, ge=8, description="text-encoder token limit per prompt")
     batch_size: int = Field(4, ge=1, description="images per detector forward pass")
+    backend: Literal["transformers", "groundingdino"] = Field(
+        "transformers", description="transformers = a hub id or folder; groundingdino = the original package with an "
+                                    "original .pth as `model` (extra [groundingdino])")
+    config: str | None = Field(None, description="groundingdino backend: the original config .py (default: the "
+                                                 "package's GroundingDINO_SwinT_OGC.py)")
+    text_encoder: str | None = Field(None, description="groundingdino backend: bert-base-uncased folder or hub id "
+                                                       "(config + tokenizer; default: the config's text_encoder_type)")
     batching: Literal["bucket", "pad"] = Field(
         "bucket", description="bucket = batch only images of the same input size (results never depend on "
                               "batch-mates; resume is byte-identical); pad = zero-pad mixed sizes into one batch")
@@ -98,11 +106,16 @@ class GroundStage(Stage):
         self.device: torch.device | None = None
         self.dtype: torch.dtype | None = None
         self.max_tokens: int | None = None
-        self.ref = model_ref(config.model, config.revision)
+        self.ref = model_ref(config.model, config.revision) if config.backend == "transformers" \
+            else f"{config.backend}:{Path(config.model).expanduser().resolve()}"
 
     # -- lifecycle ---------------------------------------------------------------------------
     def setup_processor(self) -> None:
         """Load only the processor (CPU workers that prepare images need nothing else)."""
+        if self.processor is None and self.detect.backend == "groundingdino":
+            from stages.backends import groundingdino as original
+
+            self.processor = original.processor(self.detect)
         if self.processor is None:
             from transformers import AutoProcessor
 
@@ -119,12 +132,17 @@ class GroundStage(Stage):
         self.device = resolve_device(self.runtime.device)
         self.dtype = resolve_dtype(self.runtime.dtype, self.device)
         self.setup_processor()
-        model = load_pretrained(AutoModelForZeroShotObjectDetection, self.detect.model, self.detect.revision,
-                                field="detect.model")
+        if self.detect.backend == "groundingdino":
+            from stages.backends import groundingdino as original
+
+            model = original.load(self.detect)
+        else:
+            model = load_pretrained(AutoModelForZeroShotObjectDetection, self.detect.model, self.detect.revision,
+                                    field="detect.model")
+            self.ref = model_ref(self.detect.model, self.detect.revision)
         self.model = model.to(self.device).eval()
         limit = int(getattr(self.model.config, "max_text_len", 256))
         self.max_tokens = min(int(self.detect.max_text_tokens), limit)
-        self.ref = model_ref(self.detect.model, self.detect.revision)
 
     @property
     def tokenizer(self):
@@ -228,6 +246,8 @@ class GroundStage(Stage):
             if name in tok:
                 t = tok[name].pin_memory() if pin else tok[name]
                 feeds[name] = t.to(self.device, non_blocking=True)
+        if self.detect.backend == "groundingdino":  # the original model tokenizes its captions itself
+            feeds = {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "captions": texts}
         with torch.inference_mode(), autocast(self.device, self.dtype):
             out = self.model(**feeds)
         return out.logits.float(), out.pred_boxes.float()

@@ -10,17 +10,25 @@ encoder runs; the mask decoder follows.
 GroundingDINO's and SAM's input sizes (uint8, columns ``det_pixels`` / ``sam_pixels``), so the
 model worker only copies, normalises and runs models (``stages/prep.py``). The model stages
 resize an image themselves when the column is missing, with the same result.
+
+Which stage runs each model is decided by the checkpoint's family (its ``config.json``
+``model_type``, ``stages/families.py``): GroundingDINO / MM-GroundingDINO (``stages/ground.py``),
+OWLv2 (``stages/owl.py``), SAM / SAM-HQ / SAM 2 (``stages/segment.py``, ``stages/sam_variants.py``).
+With SAM 3 as ``detect.model`` (``stages/sam3.py``) one model makes boxes and masks and the
+segment step is skipped. OWLv2 and SAM 3 run their own image processors in the model worker
+(their prepare columns stay empty).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from stages.base import Resources, Row, Stage
+from stages.families import make_ground_stage, make_segment_stage
 from stages.ground import PREPARED_COLUMN as DET_COLUMN
-from stages.ground import DetectConfig, GroundStage
+from stages.ground import DetectConfig
 from stages.prep import rgb_pixels
 from stages.segment import PREPARED_COLUMN as SAM_COLUMN
-from stages.segment import SegmentConfig, SegmentStage
+from stages.segment import SegmentConfig
 
 PREPARED_COLUMNS = (DET_COLUMN, SAM_COLUMN)
 _EMPTY = np.zeros((0, 0, 3), np.uint8)
@@ -34,13 +42,15 @@ class PrepareStage(Stage):
     fills = {DET_COLUMN: _EMPTY, SAM_COLUMN: _EMPTY}
 
     def __init__(self, detect: DetectConfig, segment: SegmentConfig, runtime):
-        self.ground = GroundStage(detect, runtime)
-        self.segment = SegmentStage(segment, runtime)
+        self.ground = make_ground_stage(detect, runtime)      # the family of each model: stages/families.py
+        # a one-model grounder (SAM 3) makes the masks itself: no segmenter
+        self.segment = None if getattr(self.ground, "makes_masks", False) else make_segment_stage(segment, runtime)
         self.resources = Resources("cpu")
 
     def setup(self) -> None:
         self.ground.setup_processor()
-        self.segment.setup_processor()
+        if self.segment is not None:
+            self.segment.setup_processor()
 
     def process(self, rows: list[Row]) -> None:
         for row in rows:
@@ -56,7 +66,7 @@ class PrepareStage(Stage):
             except (KeyError, TypeError, ValueError):
                 continue  # the model stage rejects the row, with the reason
             row[DET_COLUMN] = self.ground.prepare(pixels)
-            row[SAM_COLUMN] = self.segment.prepare(pixels)
+            row[SAM_COLUMN] = self.segment.prepare(pixels) if self.segment is not None else _EMPTY
 
 
 class GroundAndSegment(Stage):
@@ -67,15 +77,19 @@ class GroundAndSegment(Stage):
     drops = ("pixels",) + PREPARED_COLUMNS
 
     def __init__(self, detect: DetectConfig, segment: SegmentConfig, runtime):
-        self.ground = GroundStage(detect, runtime)
-        self.segment = SegmentStage(segment, runtime)
+        self.ground = make_ground_stage(detect, runtime)      # the family of each model: stages/families.py
+        self.segment = None if getattr(self.ground, "makes_masks", False) else make_segment_stage(segment, runtime)
         self.resources = self.ground.resources
 
     def setup(self) -> None:
         self.ground.setup()
-        self.segment.setup()
+        if self.segment is not None:
+            self.segment.setup()
 
     def process(self, rows: list[Row]) -> None:
+        if self.segment is None:                                # SAM 3: boxes and masks in one model
+            self.ground.process(rows)
+            return
         jobs = self.ground.select(rows)
         pending = self.ground.launch(jobs)                      # detector issued, no wait
         images = {job.row.index: job.image for job in jobs}

@@ -2,9 +2,10 @@
 
 Every text of a batch goes through one ``nlp.pipe`` call (spaCy's batching is where the
 throughput comes from); :func:`stages.phrases.extract_entities` turns each parsed text into
-entity dicts (schema in ``stages/record/schema.py``). A caption is one text (``turn`` None); a
-conversation gives one text per assistant turn, whatever the turn's speaker key (``from`` or
-``role``) and case. The candidate budget ``max_entities`` is per record, across its turns. A
+entity dicts (schema in ``stages/record/schema.py``). A caption is one text (``turn`` -1); a
+list of captions (``input.coco_per_image``) one text per caption (``turn`` = its index); a
+conversation one text per assistant turn (``turn`` = its index), whatever the turn's speaker
+key (``from`` or ``role``) and case. The candidate budget ``max_entities`` is per record, across its turns. A
 sample with no noun phrase at all is rejected (``no_noun_phrases: <excerpt>``); one whose texts
 to parse are longer than ``max_caption_chars`` together is rejected before spaCy sees it
 (``caption_too_long: N chars > parse.max_caption_chars M``).
@@ -29,16 +30,12 @@ class ParseConfig(StageConfig):
                     "caption_too_long (spaCy refuses texts over 1,000,000 characters)")
 
 
-def _texts_of(record: dict) -> list[tuple[int | None, str]]:
-    """(turn, text) pairs to parse: the caption (turn None) or the assistant turns of a conversation."""
-    text = record.get("text") or {}
-    caption = text.get("caption")
-    if isinstance(caption, str) and caption.strip():
-        return [(None, caption)]
-    return [(i, str(turn.get("value") or "")) for i, turn in rec.assistant_turns(text.get("conversations"))]
+def _texts_of(record: dict) -> list[tuple[int, str]]:
+    """(turn, text) pairs to parse (:func:`stages.record.texts_to_parse`)."""
+    return rec.texts_to_parse(record)
 
 
-def _excerpt(pairs: list[tuple[int | None, str]], limit: int = 60) -> str:
+def _excerpt(pairs: list[tuple[int, str]], limit: int = 60) -> str:
     joined = " ".join(" ".join(t.split()) for _, t in pairs)
     if not joined:
         return "<empty>"
@@ -66,7 +63,7 @@ class ParseStage(Stage):
     def process(self, rows: list[Row]) -> None:
         # Gather every text of the batch first so that spaCy sees them in one nlp.pipe call.
         parsed: list[Row] = []
-        jobs: list[tuple[Row, int | None]] = []  # one per text: (row, turn)
+        jobs: list[tuple[Row, int]] = []  # one per text: (row, turn)
         texts: list[str] = []
         for row in rows:
             try:

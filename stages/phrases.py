@@ -18,6 +18,8 @@ from __future__ import annotations
 import bisect
 import importlib.util
 
+from stages.record.schema import CAPTION_TURN
+
 DEFAULT_MAX_ENTITIES = 16  # ParseConfig.max_entities uses it as its default
 
 # The preferred model, and the offline re-packaging of it that the project depends on.
@@ -323,7 +325,7 @@ def _expression_end(tokens, root, phrase_end: int, cuts: list[int]) -> int:
     return end
 
 
-def extract_entities(doc, turn: int | None = None, max_entities: int = DEFAULT_MAX_ENTITIES) -> list[dict]:
+def extract_entities(doc, turn: int = CAPTION_TURN, max_entities: int = DEFAULT_MAX_ENTITIES) -> list[dict]:
     """Entity dicts for the noun phrases of one parsed ``Doc``, in order of appearance.
 
     * ``phrase == doc.text[start:end]``; ``expression`` is the GRIT-style referring expression

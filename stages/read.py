@@ -157,8 +157,12 @@ class ReadStage(Stage):
                 self._check_file_size(int(ref["size"]), where)
             data = tars.read(ref, self.cfg.max_bytes)
             self._check_file_size(len(data), where)
+        elif isinstance(ref.get("bytes"), (bytes, bytearray)):
+            # image bytes in memory (the Python API's Labeler; never in a JSON item)
+            data = bytes(ref["bytes"])
+            self._check_file_size(len(data), "image bytes")
         else:
-            raise _Reject("missing_image: image_ref has neither path nor tar/member")
+            raise _Reject("missing_image: image_ref has neither path, tar/member nor bytes")
         if len(data) == 0:
             raise _Reject(f"empty_file: {ref.get('path') or ref.get('member')}")
         return data

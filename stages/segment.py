@@ -18,7 +18,9 @@ there; nothing waits for the device before the masks of the whole call are copie
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -51,6 +53,9 @@ def scale_boxes(boxes, original_size: tuple[int, int], reshaped_size: tuple[int,
 class SegmentConfig(StageConfig):
     model: str = "facebook/sam-vit-huge"
     revision: str | None = None
+    backend: Literal["transformers", "segment-anything"] = Field(
+        "transformers", description="transformers = SamModel from a hub id or folder; segment-anything = the "
+                                    "original package with an original .pth checkpoint as `model` (extra [sam])")
     batch_size: int = Field(4, ge=1, description="images per SAM image-encoder pass")
 
 
@@ -88,10 +93,16 @@ class SegmentStage(Stage):
         self.prep: ImagePrep | None = None
         self.device: torch.device | None = None
         self.dtype: torch.dtype | None = None
-        self.ref = model_ref(config.model, config.revision)
+        self.ref = model_ref(config.model, config.revision) if config.backend == "transformers" \
+            else f"{config.backend}:{Path(config.model).expanduser().resolve()}"
 
     def setup_processor(self) -> None:
         """Load only the processor (CPU workers that prepare images need nothing else)."""
+        if self.processor is None and self.segment.backend == "segment-anything":
+            from stages.backends import segment_anything as original
+
+            path, _, arch = original.read_checkpoint(self.segment.model)
+            self.processor = SimpleNamespace(image_processor=original.image_processor(arch))
         if self.processor is None:
             from transformers import SamProcessor
 
@@ -108,6 +119,11 @@ class SegmentStage(Stage):
         self.device = resolve_device(self.runtime.device)
         self.dtype = resolve_dtype(self.runtime.dtype, self.device)
         self.setup_processor()
+        if self.segment.backend == "segment-anything":
+            from stages.backends import segment_anything as original
+
+            self.model = original.OriginalSam(original.load_sam(self.segment.model)).to(self.device).eval()
+            return
         model = load_pretrained(SamModel, self.segment.model, self.segment.revision, field="segment.model")
         self.model = model.to(self.device).eval()
         self.ref = model_ref(self.segment.model, self.segment.revision)
@@ -151,6 +167,13 @@ class SegmentStage(Stage):
         m = F.interpolate(m, original, mode="bilinear", align_corners=False)
         return (m > 0.0)[:, 0]
 
+    def _decode_call(self, where: list[tuple[Any, int]], boxes: torch.Tensor):
+        """The mask decoder on ``[(embeddings, row)]`` of a group of images and their (G, N, 4) box
+        prompts; its ``pred_masks`` (G, N, 1, h, w) and ``iou_scores`` (G, N, 1). SAM-HQ and SAM 2
+        override this (``stages/sam_variants.py``): their embeddings are several tensors."""
+        embeddings = torch.cat([emb[j][None] for emb, j in where])
+        return self.model(image_embeddings=embeddings, input_boxes=boxes, multimask_output=False)
+
     def decode(self, enc: Encoded, boxes: dict[int, list[list[float]]]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """Masks for ``{index: boxes}`` from embeddings in ``enc``: ``{index: (masks (N, H, W) bool, iou (N,))}``.
         Decoder calls are batched across images; one wait, at the end."""
@@ -179,10 +202,8 @@ class SegmentStage(Stage):
                 scaled = scale_boxes(boxes[i], *enc.sizes[i])
                 prompt[g, : len(scaled)] = scaled
                 prompt[g, len(scaled):] = scaled[-1]  # padding prompts: discarded below
-            embeddings = torch.cat([enc.where[i][0][enc.where[i][1]][None] for i in group])
             with torch.inference_mode(), autocast(self.device, self.dtype):
-                out = self.model(image_embeddings=embeddings, input_boxes=prompt.to(self.device, non_blocking=True),
-                                 multimask_output=False)
+                out = self._decode_call([enc.where[i] for i in group], prompt.to(self.device, non_blocking=True))
                 for g, i in enumerate(group):
                     n = len(boxes[i])
                     masks = self._postprocess(out.pred_masks[g, :n], *enc.sizes[i])

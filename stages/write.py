@@ -23,6 +23,8 @@ from stages.record.shards import DONE, DONE_VERSION, LAYOUT, check_shard, file_d
 INDEX_SCHEMA = pa.schema([
     ("key", pa.string()), ("shard", pa.string()), ("n_entities", pa.int32()),
     ("n_grounded", pa.int32()), ("status", pa.string()), ("reasons", pa.list_(pa.string())),
+    # the source: dataset name, source id, and source.meta as JSON text (its fields differ per input)
+    ("dataset", pa.string()), ("source_id", pa.string()), ("meta", pa.string()),
 ])
 LOG_SCHEMA = pa.schema([
     ("shard", pa.int32()), ("key", pa.string()), ("entity", pa.int32()), ("phrase", pa.string()),
@@ -137,10 +139,12 @@ class ShardWriter:
         for record in records:
             n_grounded = sum(e["status"] == "grounded" for e in record["entities"])
             reasons = sorted({(e.get("reason") or "").split(":")[0] for e in record["entities"]} - {""})
+            source = record.get("source") or {}
             index_rows.append({
                 "key": record["key"], "shard": shard_file, "n_entities": len(record["entities"]),
                 "n_grounded": n_grounded, "status": "grounded" if n_grounded else "not_grounded",
-                "reasons": reasons,
+                "reasons": reasons, "dataset": str(source.get("dataset", "")), "source_id": str(source.get("id", "")),
+                "meta": json.dumps(source.get("meta") or {}, ensure_ascii=False, sort_keys=True),
             })
         index_table = pa.Table.from_pylist(index_rows, schema=INDEX_SCHEMA) if index_rows else INDEX_SCHEMA.empty_table()
         _atomic_write(paths["index"], lambda p: pq.write_table(index_table, p))

@@ -130,7 +130,8 @@ def test_layout_and_schema(local_out):
         assert "." not in rec["key"] and "/" not in rec["key"]
         for ent in rec["entities"]:
             statuses.add(ent["status"])
-            text = rec["text"]["caption"] if ent["turn"] is None else rec["text"]["conversations"][ent["turn"]]["value"]
+            assert ent["turn"] == -1                          # captions: the caption's turn, never null
+            text = rec["text"]["caption"]
             assert text[ent["start"]:ent["end"]] == ent["phrase"]
     assert "skipped" in statuses and len(statuses) >= 3, statuses
     index = {r["key"]: r for p in (local_out / "index").glob("*.parquet") for r in pq.read_table(p).to_pylist()}

@@ -19,7 +19,7 @@ from pycocotools import mask as mask_utils
 
 from devkit.fake_judge_server import FakeJudgeServer, FakeReply, policy_reply, user_text
 from stages.adjudicate import AdjudicateConfig, AdjudicateStage
-from stages.judges.limits import RateLimiter
+from stages.judges import limits
 from stages.judges.prompt import load_prompt
 from stages.judges.reply import ReplyError, parse_reply, reply_schema
 from stages.judges.stats import merge_judge_stats, shard_judge_stats
@@ -315,7 +315,8 @@ def test_refused_connections_are_retried_by_the_client(server_factory):
     assert check_record(recs[0]) == []
 
 
-def test_the_clients_retries_pass_the_rate_limit(server_factory):
+def test_the_clients_retries_pass_the_rate_limit(server_factory, monkeypatch):
+    monkeypatch.setattr(limits, "WINDOW_S", 1.0)  # requests_per_minute: requests per 1 s here
     seen = []
 
     def handler(req):
@@ -323,10 +324,10 @@ def test_the_clients_retries_pass_the_rate_limit(server_factory):
         return FakeReply(status=503) if req.attempt == 1 else None
 
     server = server_factory(handler=handler)
-    _, logs, _ = run(config(server, requests_per_minute=120, backoff_s=0.01), [sample(0)])  # 2/s, bursts of 2
+    _, logs, _ = run(config(server, requests_per_minute=2, backoff_s=0.01), [sample(0)])
     run_again = server_factory(handler=handler)
-    _, logs2, _ = run(config(run_again, requests_per_minute=60, backoff_s=0.01), [sample(1)])  # 1/s, bursts of 1
-    assert seen[1] - seen[0] < 0.4 and seen[3] - seen[2] >= 0.85  # the retry waited for the bucket
+    _, logs2, _ = run(config(run_again, requests_per_minute=1, backoff_s=0.01), [sample(1)])
+    assert seen[1] - seen[0] < 0.4 and seen[3] - seen[2] >= 0.95  # the retry waited for the window
     assert logs2[0][0]["attempts"] == 2 and logs2[0][0]["attempt_errors"] == "server_error"
 
 
@@ -558,27 +559,23 @@ def test_requests_run_concurrently_up_to_the_limit(server_factory):
     assert 0.44 <= elapsed < 2.0  # 3 waves of 150 ms, not 12 in a row (1.8 s) nor all at once
 
 
-def test_requests_per_minute_limit(server_factory):
-    server = server_factory()
+def test_requests_and_tokens_per_minute_limits(server_factory, monkeypatch):
+    """The local judge's own limiter: the server never sees more than the limits in a window."""
+    monkeypatch.setattr(limits, "WINDOW_S", 0.5)  # the limits count per 0.5 s here
+    server = server_factory(latency_ms=20)
     started = time.monotonic()
-    run(config(server, requests_per_minute=600), [sample(i) for i in range(15)])  # 10/s, bursts of 10
-    assert time.monotonic() - started >= 0.45
-    assert len(server.requests) == 15
+    run(config(server, requests_per_minute=4), [sample(i) for i in range(10)])
+    assert time.monotonic() - started >= 1.0  # 10 requests, 4 a window: at least two waits
+    assert len(server.requests) == 10 and server.window_peaks(0.5)[0] == 4
 
-
-def test_token_bucket():
-    import asyncio
-
-    async def go():
-        bucket = RateLimiter(per_minute=60000, burst=100)  # 1000 tokens/s
-        t0 = time.monotonic()
-        for _ in range(4):
-            await bucket.acquire(50)
-        bucket.debit(50)  # a reply used more than estimated
-        await bucket.acquire(50)
-        return time.monotonic() - t0
-
-    assert asyncio.run(go()) >= 0.14  # 100 free, then 150 + 50 more tokens at 1000/s
+    estimate = limits.estimate_tokens(server.requests[0].body["messages"], 300)  # one request, before it is sent
+    limit = 2.5 * estimate  # two requests a window
+    server = server_factory(latency_ms=20)
+    started = time.monotonic()
+    run(config(server, tokens_per_minute=limit, max_tokens=300), [sample(i) for i in range(8)])
+    assert time.monotonic() - started >= 1.5
+    assert len(server.requests) == 8 and all(0 < r.tokens < estimate for r in server.requests)
+    assert server.window_peaks(0.5)[0] == 2 and server.window_peaks(0.5)[1] <= limit
 
 
 # --- cache -------------------------------------------------------------------------------------------

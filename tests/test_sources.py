@@ -16,7 +16,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from pipeline.manifest import Manifest, ManifestError
-from devkit.sample_data import write_sample_data, write_sample_variants
+from devkit.sample_data import sample_scenes, write_sample_data, write_sample_variants
 from pipeline.sources import REJECT_REASONS, SourceError, list_items
 from stages.read import ImageConfig, ReadStage, read_batch
 from stages.record import BATCH_COLUMNS
@@ -80,9 +80,9 @@ def test_jsonl_items_keys_order_and_shards(sample):
     assert all("." not in k and "/" not in k for k in keys)
     first = items[0]
     assert first["key"] == "sample-scene-01"
-    assert first["source"] == {"dataset": "sample", "id": "scene-01"}
+    assert first["source"] == {"dataset": "sample", "id": "scene-01", "meta": {}}
     assert first["image_ref"] == {"path": str(sample / "images" / "scene-01.jpg"), "root": os.path.realpath(sample)}
-    assert first["text"] == {"caption": "a red circle above a small blue square"}
+    assert first["text"] == {"caption": sample_scenes()[0][1].caption}          # the scene generator's caption
     assert first["precheck"] is None
     json.dumps(items)                                                 # JSON-ready
 
@@ -127,7 +127,8 @@ def test_coco_one_sample_per_caption(sample):
     assert len(items) == len(coco["annotations"])
     ann = coco["annotations"][0]
     assert items[0]["key"] == f"sample-{ann['image_id']}-{ann['id']}"
-    assert items[0]["source"] == {"dataset": "sample", "id": str(ann["image_id"]), "annotation_id": str(ann["id"])}
+    assert items[0]["source"] == {"dataset": "sample", "id": str(ann["image_id"]), "annotation_id": str(ann["id"]),
+                                  "meta": {}}
     same_image = [it for it in items if it["source"]["id"] == "1"]
     assert len(same_image) == 2 and same_image[0]["image_ref"] == same_image[1]["image_ref"]
 

@@ -36,7 +36,16 @@ def test_evaluate_grounding_shards(setup, capsys):
     assert len(pngs) == 2 * len(sc) and pngs[0] == "s0-0.png"
     from PIL import Image
 
-    assert Image.open(overlays / "s0-0.png").size == (112, 112)
+    import numpy as np
+
+    from stages.train.overlay import MIN_SIDE, TRUE_COLOUR
+
+    overlay = np.asarray(Image.open(overlays / "s0-0.png").convert("RGB"))
+    # the 112 px image scaled up to MIN_SIDE, a caption strip (phrase, legend) below it
+    assert overlay.shape[1] == MIN_SIDE and overlay.shape[0] > MIN_SIDE
+    picture = overlay[:MIN_SIDE]
+    assert (np.abs(picture.astype(int) - TRUE_COLOUR).sum(-1) < 10).sum() > 100  # the true mask's outline
+    assert np.unique(picture.reshape(-1, 3), axis=0).shape[0] > 50  # a colour map, not a one-colour wash
     assert json.loads(capsys.readouterr().out)["entities"] == result["entities"]
     # other thresholds and --limit
     assert main(["evaluate", "grounding", "--model", str(model), "--shards", str(data), "--threshold", "topk",
@@ -48,8 +57,14 @@ def test_evaluate_grounding_single_image(setup, capsys):
     root, model, _, sc = setup
     from PIL import Image
 
+    import numpy as np
+
+    from stages.train.overlay import UNSEEN_GREY
+
     img = root / "scene.png"
-    Image.fromarray(sc[0]["image"]).save(img)
+    # wider than high: LLaVA's centre crop cuts the sides away, the overlay greys them out
+    wide = np.concatenate([np.zeros((112, 40, 3), np.uint8), sc[0]["image"], np.zeros((112, 40, 3), np.uint8)], 1)
+    Image.fromarray(wide).save(img)
     overlays = root / "single"
     rc = main(["evaluate", "grounding", "--model", str(model), "--image", str(img), "--phrase", "red circle",
                "--phrase", "blue square", "--overlays", str(overlays)])
@@ -58,6 +73,10 @@ def test_evaluate_grounding_single_image(setup, capsys):
     assert [p["phrase"] for p in out["phrases"]] == ["red circle", "blue square"]
     assert all(0.0 < p["mask_fraction"] <= 1.0 for p in out["phrases"])
     assert sorted(p.name for p in overlays.glob("*.png")) == ["scene-blue_square.png", "scene-red_circle.png"]
+    picture = np.asarray(Image.open(overlays / "scene-red_circle.png").convert("RGB"))
+    edge, centre = picture[100, 5].astype(int), picture[100, picture.shape[1] // 2].astype(int)
+    assert np.abs(edge - np.array(UNSEEN_GREY) * 0.7).max() < 20  # black pixels under the grey veil
+    assert np.abs(centre - edge).max() > 10
 
 
 def test_evaluate_grounding_bad_input(setup):

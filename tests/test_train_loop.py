@@ -96,10 +96,32 @@ def test_train_cli_checkpoints_and_resume(root, shard, tmp_path):
     assert first["steps"] == 2 and first["resumed_from"] is None
     assert {"lm_loss", "wtl_loss"} <= set(first["last"])
     assert (out / "checkpoint-2").is_dir()
+    _assert_watchable(out, steps=2)
     assert main(args[:-4] + ["--set", "train.max_steps=3", "--set", "train.save_steps=3"]) == 0
     second = json.loads((out / "train_summary.json").read_text())
     assert second["steps"] == 3 and second["resumed_from"].endswith("checkpoint-2")
+    _assert_watchable(out, steps=3)  # the curve covers the resumed run's earlier steps too
     assert main(["train", "manifests/train-sample.yaml", "--set", "wtl.variant=bogus"]) == 2
+
+
+def _assert_watchable(out, steps):
+    """Issue 13 item 5: loss_history.csv (one row per step, LM + attention loss), loss_curve.png, and
+    TensorBoard event files (report_to defaults to tensorboard) with both losses."""
+    import csv
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = list(csv.DictReader(open(out / "loss_history.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, steps + 1))
+    assert all(float(r["lm_loss"]) > 0 and float(r["wtl_loss"]) > 0 for r in rows)
+    assert Image.open(out / "loss_curve.png").size[0] > 300
+    events = sorted((out / "runs").glob("*/events.out.tfevents.*"))
+    assert events
+    tags = set()
+    for event in events:
+        tags |= set(EventAccumulator(str(event)).Reload().Tags()["scalars"])
+    assert {"train/lm_loss", "train/wtl_loss"} <= tags
 
 
 def test_train_cli_lora(root, shard, tmp_path):

@@ -57,6 +57,24 @@ def test_shard_layout_and_contents(tmp_path):
     assert not list(tmp_path.rglob(".*.tmp"))
 
 
+def test_index_carries_the_source_and_its_meta(tmp_path):
+    """source.meta (an input's extra fields: url, similarity, license ...) reaches the index as
+    JSON text, with the dataset and source id, so it can be filtered without opening shards."""
+    meta = {"url": "https://example.com/a.jpg", "similarity": 0.31, "LICENSE": "cc-by", "NSFW": "UNLIKELY"}
+    row = _ok_row(0, "t-a")
+    rec = json.loads(row["record"])
+    rec["source"] = {"dataset": "laion", "id": "000123", "meta": meta}
+    row["record"] = dumps(rec)
+    writer = ShardWriter(tmp_path, "demo")
+    writer.write_shard(0, [row, _ok_row(1, "t-b")])
+    index = pq.read_table(writer.paths(0)["index"]).to_pylist()
+    assert [(r["dataset"], r["source_id"]) for r in index] == [("laion", "000123"), ("t", "1")]
+    assert json.loads(index[0]["meta"]) == meta and json.loads(index[1]["meta"]) == {}
+    with tarfile.open(writer.paths(0)["tar"]) as tar:
+        stored = json.loads(tar.extractfile("t-a.json").read())
+    assert stored["source"]["meta"] == meta
+
+
 def test_incomplete_shard_is_detected_and_cleared(tmp_path):
     writer = ShardWriter(tmp_path, "demo")
     writer.write_shard(3, [_ok_row(0, "t-a")])

@@ -59,7 +59,7 @@ def _examples(work: Path, processor, seed: int, n: int, tag: str, with_questions
 
     rng = np.random.default_rng(seed + 1000)
     items, masks = [], []
-    for i, sc in enumerate(scenes(n, seed=seed * 7919 + (0 if tag == "train" else 1))):
+    for i, sc in enumerate(scenes(n, seed=seed, split="train" if tag == "train" else "test")):
         items.append(scene_record(f"{tag}{i:05d}", sc))
         masks.append([o["mask"] for o in sc["objects"]])
         if with_questions:
@@ -275,6 +275,9 @@ def format_results(rows: list[dict], st: ShapesSetting) -> str:
 
 
 def run_shapes_cli(args) -> int:
+    from stages.extras import require
+
+    require("lookandlearn experiment shapes", "accelerate", "skimage")  # the HF Trainer, the read-out
     st = QUICK if args.quick else FULL
     if args.steps:
         st = ShapesSetting(**{**asdict(st), "steps": args.steps})

@@ -1,6 +1,7 @@
-"""Controlled experiment data: scenes of simple coloured shapes with exact masks, captions naming
-them ("a red circle above a small blue square") and questions ("what colour is the square?"),
-written as WebDataset shards in the build's sample schema (docs/schema.md)."""
+"""Controlled experiment data: scenes of the scene generator (``devkit/scenes.py``) narrowed to two
+coloured shapes with exact masks, captions naming them ("a small red circle above a large blue
+square") and questions ("what colour is the square?"), written as WebDataset shards in the
+build's sample schema (docs/schema.md)."""
 from __future__ import annotations
 
 import hashlib
@@ -8,49 +9,37 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
-
+from devkit.scenes import Scene, SceneConfig, generate
 from stages.record import rle, shards
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
+# The experiment's narrow slice of the scene generator (devkit/scenes.py): two shapes of
+# different kinds (four colours, three shapes, a size word each) apart on a grey canvas.
+COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": (10, 14), "large": (18, 24)}  # half-extent range in pixels on a 112 canvas
 
 
-def _shape_mask(kind: str, cy: int, cx: int, r: int, h: int, w: int) -> np.ndarray:
-    yy, xx = np.mgrid[:h, :w]
-    if kind == "circle":
-        return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-    if kind == "square":
-        return (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
-    # triangle pointing up
-    top, bottom = cy - r, cy + r
-    half = (yy - top) / max(2 * r, 1) * r
-    return (yy >= top) & (yy <= bottom) & (abs(xx - cx) <= half)
+def config(size: int = 112) -> SceneConfig:
+    """The experiment's :class:`SceneConfig` on a ``size`` x ``size`` canvas."""
+    return SceneConfig(objects=(2, 2), colours=COLOURS, shapes=SHAPES, size=(size, size),
+                       size_ranges={w: (lo / 112, hi / 112) for w, (lo, hi) in SIZES.items()},
+                       backgrounds=("plain",), plain_rgb=(128, 128, 128), plural_p=0.0, distractor_p=0.0,
+                       occlusion_p=0.0, inside_p=0.0, hallucinate_p=0.0, distinct_shapes=True,
+                       distinct_colours=True, gap=4)
 
 
-def make_scene(rng: np.random.Generator, size: int = 112) -> dict:
-    """Two distinct shapes (different kind) at non-overlapping places on a grey canvas."""
-    while True:
-        kinds = rng.choice(len(SHAPES), 2, replace=False)
-        colours = rng.choice(list(COLOURS), 2, replace=False)
-        sizes = rng.choice(list(SIZES), 2)
-        objs = []
-        for k, c, s in zip(kinds, colours, sizes):
-            r = int(rng.integers(*SIZES[s]))
-            cy, cx = (int(v) for v in rng.integers(r + 2, size - r - 2, 2))
-            objs.append({"shape": SHAPES[k], "colour": str(c), "size": str(s), "r": r, "cy": cy, "cx": cx})
-        a, b = objs
-        if max(abs(a["cy"] - b["cy"]), abs(a["cx"] - b["cx"])) > a["r"] + b["r"] + 4:
-            break
-    img = np.full((size, size, 3), 128, np.uint8)
-    for o in objs:
-        m = _shape_mask(o["shape"], o["cy"], o["cx"], o["r"], size, size)
-        o["mask"] = m
-        img[m] = COLOURS[o["colour"]]
+def from_scene(scene: Scene) -> dict:
+    """The experiment's view of a generated scene: image, two objects (shape, colour, size word,
+    mask, centre, half-extent) and where the first is relative to the second."""
+    objs = []
+    for inst in scene.instances:
+        x0, y0, x1, y1 = inst.box
+        objs.append({"shape": inst.shape, "colour": inst.colour, "size": inst.size, "mask": inst.mask,
+                     "cx": (x0 + x1 - 1) // 2, "cy": (y0 + y1 - 1) // 2, "r": (x1 - x0) // 2})
+    a, b = objs
     dy, dx = b["cy"] - a["cy"], b["cx"] - a["cx"]
     rel = ("above" if dy > 0 else "below") if abs(dy) >= abs(dx) else ("left of" if dx > 0 else "right of")
-    return {"image": img, "objects": objs, "relation": rel}
+    return {"image": scene.image, "objects": objs, "relation": rel}
 
 
 def phrase(o: dict) -> str:
@@ -76,13 +65,13 @@ def scene_record(key: str, scene: dict, question: int | None = None) -> tuple[di
         caption = f"{pa} {scene['relation']} {pb}."
         rec["text"] = {"caption": caption}
         spans = [(0, len(pa)), (len(pa) + len(scene["relation"]) + 2, len(pa) + len(scene["relation"]) + 2 + len(pb))]
-        turn = None
+        turn = -1  # the caption (stages.record.CAPTION_TURN)
     else:
         o = scene["objects"][question]
         answer = o["colour"]
         rec["text"] = {"conversations": [{"from": "human", "value": f"<image>\nwhat colour is the {o['shape']}?"},
                                          {"from": "gpt", "value": answer}]}
-        spans, turn = [], None
+        spans, turn = [], -1
         rec["question"] = {"shape": o["shape"], "answer": answer}
     for i, (s, e) in enumerate(spans):
         o = scene["objects"][i]
@@ -108,6 +97,7 @@ def write_shard(path: str | Path, items: list[tuple[dict, bytes]]) -> Path:
     return path
 
 
-def scenes(n: int, seed: int, size: int = 112) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    return [make_scene(rng, size) for _ in range(n)]
+def scenes(n: int, seed: int, size: int = 112, split: str = "train") -> list[dict]:
+    """The first ``n`` scenes of the generator's ``split`` stream for ``seed``, experiment-shaped."""
+    cfg = config(size)
+    return [from_scene(generate(seed, split, i, cfg)) for i in range(n)]

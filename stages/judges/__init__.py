@@ -57,13 +57,14 @@ def judge_batch(judge, records: list[dict], images: list | None = None) -> list[
     return [judge.judge(record) for record in records]
 
 
-def make_judge(config, out_dir=None) -> Judge:
+def make_judge(config, out_dir=None, limiter=None) -> Judge:
     """The judge named by ``adjudicate.judge``; ``out_dir`` (the build's output folder) lets the
-    LLM judge reuse answers already in its logs and journal its new ones there."""
+    LLM judge reuse answers already in its logs and journal its new ones there; ``limiter`` (a
+    :class:`stages.judges.limits.Limiter` shared with other judges) replaces its own rate limits."""
     if config.judge == "rules":
         return RulesJudge(config)
     if config.judge == "openai":
         cache_dirs = ([out_dir] if out_dir else []) + list(config.cache_from)
         return OpenAIJudge(config, cache_dirs=cache_dirs,
-                           journal_dir=Path(out_dir) / JOURNAL_DIR if out_dir else None)
+                           journal_dir=Path(out_dir) / JOURNAL_DIR if out_dir else None, limiter=limiter)
     raise NotImplementedError(f"adjudicate.judge={config.judge!r} is not available; use 'rules' or 'openai'")

@@ -2,14 +2,17 @@
 
 HTTP faults (timeouts, connection errors, 429, 5xx) are retried by the openai client itself,
 built with ``max_retries`` and ``timeout_s`` (per attempt). It is subclassed only to hook into
-its retry loop, through three of its (private, long-standing) methods:
+its retry loop, through four of its (private) methods:
 
 * ``_calculate_retry_timeout``: how long to wait before a retry. The manifest decides, as before:
   the server's ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date) when it is at most
   ``max_retry_after_s``, else ``backoff_s`` doubling per attempt (up to ``max_backoff_s``, minus
   up to 25% jitter). The failed attempt's kind is recorded here (from the error being handled);
-* ``_prepare_request``: runs before every HTTP attempt, retries included: each passes the
-  request and token buckets and is counted;
+* ``_prepare_request``: runs before every HTTP attempt, retries included: each takes one request
+  and its estimated tokens from the limiter (:mod:`stages.judges.limits`) and is counted;
+* ``_send_request``: the attempt itself; when it is over (a reply, or an error) its limiter ticket
+  is settled (also in ``_calculate_retry_timeout`` and after the last attempt, for openai
+  versions without this method);
 * ``_should_retry``: the client's rule (408, 409, 429, 5xx, its ``x-should-retry`` header), and
   also a 429/5xx whose ``Retry-After`` is longer than the client would wait (after the backoff).
 
@@ -31,7 +34,7 @@ from dataclasses import dataclass, field
 from email.utils import mktime_tz, parsedate_tz
 from functools import lru_cache
 
-from stages.judges.limits import RateLimiter
+from stages.judges.limits import Limiter
 from stages.judges.reply import ReplyError, parse_reply
 
 log = logging.getLogger("lookandlearn.judge")
@@ -67,10 +70,10 @@ class AttemptError(Exception):
 class _Question:
     """The question being asked in this asyncio task (a context variable): what the client's hooks see."""
     config: object
-    requests: RateLimiter
-    tokens: RateLimiter
+    limiter: Limiter
     estimate: float
     attempts: int = 0
+    ticket: int | None = None  # the limiter's ticket of the latest attempt
     errors: list[str] = field(default_factory=list)
 
 
@@ -131,9 +134,17 @@ def _client_class():
             await super()._prepare_request(request)
             question = _ASKING.get()
             if question is not None:
-                await question.requests.acquire(1)
-                await question.tokens.acquire(question.estimate)
+                _settle(question)  # the previous attempt (if any) is over
+                question.ticket = await question.limiter.acquire(question.estimate)
                 question.attempts += 1
+
+        async def _send_request(self, request, **kwargs):
+            try:
+                return await super()._send_request(request, **kwargs)
+            finally:  # the server has had the request by now, or never will
+                question = _ASKING.get()
+                if question is not None:
+                    _settle(question)
 
         def _should_retry(self, response) -> bool:
             if super()._should_retry(response):
@@ -147,6 +158,7 @@ def _client_class():
             question = _ASKING.get()
             if question is None:
                 return super()._calculate_retry_timeout(remaining_retries, options, response_headers)
+            _settle(question)
             kind = _failed_attempt_kind(sys.exc_info()[1])
             question.errors.append(kind)
             delay = backoff(question.config, question.attempts - 1, retry_after_seconds(response_headers))
@@ -156,13 +168,19 @@ def _client_class():
     return JudgeClient
 
 
+def _settle(question: _Question, tokens: float | None = None) -> None:
+    """Tell the limiter the latest attempt is over (the first call says when; later ones can only
+    give the tokens the server reported)."""
+    if question.ticket is not None:
+        question.limiter.settle(question.ticket, tokens)
+
+
 class Asker:
     """One openai client (its connections reused) and the asking of one question with it."""
 
-    def __init__(self, config, requests: RateLimiter, tokens: RateLimiter):
+    def __init__(self, config, limiter: Limiter):
         self.config = config
-        self.requests = requests
-        self.tokens = tokens
+        self.limiter = limiter
         self.secret = os.environ.get(config.api_key_env) or "EMPTY"  # vLLM/SGLang accept any key
         if self.secret == "EMPTY":
             log.warning("judge: $%s is not set; sending a dummy API key (fine for a vLLM/SGLang server "
@@ -190,7 +208,7 @@ class Asker:
         """Ask until a valid reply or the budget is spent; never raises for a fault of the server."""
         c = self.config
         outcome = Outcome()
-        question = _Question(c, self.requests, self.tokens, estimate)
+        question = _Question(c, self.limiter, estimate)
         context = _ASKING.set(question)
         started = time.perf_counter()
         tries = 0
@@ -198,10 +216,14 @@ class Asker:
             while True:
                 tries += 1
                 try:
-                    raw, usage = await self._request(self._client_for(c.max_retries - question.attempts), kwargs)
+                    try:
+                        raw, usage = await self._request(self._client_for(c.max_retries - question.attempts), kwargs)
+                    except AttemptError as exc:
+                        _settle(question, sum(exc.usage))
+                        raise
+                    _settle(question, sum(usage))  # the estimate is replaced by what the server counted
                     outcome.prompt_tokens += usage[0]
                     outcome.completion_tokens += usage[1]
-                    self.tokens.debit(sum(usage) - estimate if sum(usage) else 0)
                     outcome.raw = raw
                     try:
                         outcome.parsed = parse_reply(raw, shown)

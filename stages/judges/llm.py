@@ -11,7 +11,8 @@ Faults never stop the run: the openai client retries timeouts, connection errors
 and a faulty reply is asked again, ``max_retries`` times in all (:mod:`stages.judges.client`);
 after that the sample's candidates get the ``on_error`` fallback (the rules judge's verdict, or
 reject) and the error is recorded with them. Requests run concurrently on one asyncio loop
-(``concurrency`` in flight) behind token buckets for requests and tokens per minute.
+(``concurrency`` in flight) behind the requests- and tokens-per-minute limiter
+(:mod:`stages.judges.limits`): this judge's own, or one shared by all judge actors under Ray.
 
 Answers are cached by (model, prompt hash, input hash) (:mod:`stages.judges.cache`), so a
 resumed or repeated build never asks the same question twice.
@@ -32,7 +33,7 @@ from pathlib import Path
 from stages.judges.cache import AnswerJournal, cache_key, load_answers
 from stages.judges.client import Asker, Outcome
 from stages.judges.draw import draw_candidates
-from stages.judges.limits import RateLimiter
+from stages.judges.limits import Limiter, estimate_tokens, local_limiter
 from stages.judges.prompt import Prompt, build_payload, load_prompt, payload_json
 from stages.judges.reply import ReplyError, parse_reply, reply_schema
 from stages.judges.rules import RULES_VERSION, RulesJudge
@@ -57,7 +58,6 @@ class _Question:
     key: str = ""
     outcome: Outcome | None = None                  # known before asking (cache hit, internal error)
     messages: list | None = None                    # set when this sample sends the request
-    prompt_chars: int = 0
 
 
 def _spread(total: int, n: int) -> list[int]:
@@ -68,8 +68,10 @@ def _spread(total: int, n: int) -> list[int]:
 class OpenAIJudge:
     """LLM judge over an OpenAI-compatible Chat Completions endpoint (see the module doc)."""
 
-    def __init__(self, config, cache_dirs=(), journal_dir: str | os.PathLike | None = None):
+    def __init__(self, config, cache_dirs=(), journal_dir: str | os.PathLike | None = None,
+                 limiter: Limiter | None = None):
         self.config = config
+        self.shared_limiter = limiter  # given: shared with other judges (the runner's, under Ray)
         self.model = config.model
         self.name = config.model
         self.cache_dirs = [Path(p) for p in cache_dirs]
@@ -79,6 +81,7 @@ class OpenAIJudge:
         self._answers: dict[str, str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._asker: Asker | None = None
+        self._own_limiter: Limiter | None = None
 
     # -- lifecycle --
     def setup(self) -> None:
@@ -93,13 +96,12 @@ class OpenAIJudge:
         for name in ("httpx", "httpx2", "openai"):
             if logging.getLogger(name).level == logging.NOTSET:
                 logging.getLogger(name).setLevel(logging.WARNING)
-        workers = max(1, getattr(self.config, "workers", 1))
-        rpm, tpm = self.config.requests_per_minute, self.config.tokens_per_minute
-        self._requests = RateLimiter(rpm / workers if rpm else None)
-        self._tokens = RateLimiter(tpm / workers if tpm else None)
+        if self._own_limiter is None and self.shared_limiter is None:
+            self._own_limiter = local_limiter(self.config)
+        limiter = self.shared_limiter or self._own_limiter
         if self._asker is None:
-            self._asker = Asker(self.config, self._requests, self._tokens)  # once per worker: connections are reused
-        self._asker.requests, self._asker.tokens = self._requests, self._tokens
+            self._asker = Asker(self.config, limiter)  # once per worker: connections are reused
+        self._asker.limiter = limiter
 
     def close(self) -> None:
         if self._loop is not None and not self._loop.is_closed():
@@ -180,7 +182,6 @@ class OpenAIJudge:
                     uri = draw_candidates(bytes(image), record, q.ask, self.config.image_max_side)
                     content = [{"type": "text", "text": user}, {"type": "image_url", "image_url": {"url": uri}}]
                 q.messages = [{"role": "system", "content": system}, {"role": "user", "content": content}]
-                q.prompt_chars = len(system) + len(user) + (3000 if visual else 0)
                 # later copies of this question in the batch wait for this one's answer
                 self._inflight[q.key] = asyncio.get_running_loop().create_future()
         except Exception as exc:  # noqa: BLE001 - a bug here must not lose the sample
@@ -204,7 +205,7 @@ class OpenAIJudge:
             elif outcome is None:
                 future = self._inflight[q.key]
                 try:
-                    outcome = await self._ask(q.messages, q.shown, q.prompt_chars)
+                    outcome = await self._ask(q.messages, q.shown)
                     if outcome.parsed is not None:
                         self._remember(q.key, q.input_hash, outcome.raw)
                 finally:
@@ -278,8 +279,8 @@ class OpenAIJudge:
             kwargs["extra_body"] = {"structured_outputs": {"json": schema}}
         return kwargs
 
-    async def _ask(self, messages: list, shown, prompt_chars: int) -> Outcome:
+    async def _ask(self, messages: list, shown) -> Outcome:
         kwargs = self._request_kwargs(messages, shown)
-        estimate = prompt_chars / 4 + min(self.config.max_tokens, 300)
+        estimate = estimate_tokens(messages, self.config.max_tokens)  # the reply's usage replaces it
         async with self._sem:
             return await self._asker.ask(kwargs, shown, estimate)

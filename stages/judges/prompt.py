@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.record import entity_text
+from stages.record import entity_text, is_caption_turn
 
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"
 
@@ -69,18 +69,22 @@ def build_payload(record: dict, region_ids: list[int]) -> tuple[dict, dict[int, 
         if region["id"] in wanted:
             shown.setdefault(region["entity"], []).append(region["id"])
     regions = {r["id"]: r for r in record["regions"]}
-    turns = sorted({entities[e].get("turn") for e in shown}, key=lambda t: -1 if t is None else t)
+    def turn_of(entity_id: int):  # None for the single caption (turn -1, or null in schema 1)
+        turn = entities[entity_id].get("turn")
+        return None if is_caption_turn(turn) else turn
+
+    turns = sorted({turn_of(e) for e in shown}, key=lambda t: -1 if t is None else t)
     payload: dict = {}
     if turns == [None]:
         payload["caption"] = record["text"]["caption"]
     else:
-        payload["turns"] = {str(t): entity_text(record, entities[next(e for e in shown if entities[e].get("turn") == t)])
+        payload["turns"] = {str(t): entity_text(record, entities[next(e for e in shown if turn_of(e) == t)])
                             for t in turns}
     payload["entities"] = []
     for entity_id in sorted(shown):
         entity = entities[entity_id]
         item = {"id": entity_id, "phrase": entity["phrase"], "plural": bool(entity.get("plural"))}
-        if entity.get("turn") is not None:
+        if turn_of(entity_id) is not None:
             item["turn"] = entity["turn"]
         expression = (entity.get("expression") or {}).get("text")
         if expression and expression != entity["phrase"]:

@@ -49,3 +49,16 @@ def iou(masks: Sequence[dict], others: Sequence[dict]) -> np.ndarray:
     if not masks or not others:
         return np.zeros((len(masks), len(others)))
     return np.asarray(_coco.iou([_coco_rle(r) for r in masks], [_coco_rle(r) for r in others], [0] * len(others)))
+
+
+def from_coco(segmentation, height: int, width: int) -> dict:
+    """A COCO instance ``segmentation`` (polygons, uncompressed RLE with list ``counts``, or
+    compressed RLE) at ``height`` x ``width`` -> one JSON-ready compressed RLE (polygons merged)."""
+    if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes)):
+        rle = _coco_rle(segmentation)
+    else:
+        objs = _coco.frPyObjects(segmentation, int(height), int(width))
+        rle = _coco.merge(objs) if isinstance(objs, list) else objs
+    counts = rle["counts"]
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])],
+            "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}

@@ -45,7 +45,12 @@ from typing import Any, Iterable
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+# 2: source.meta, entity turn -1 for a caption (was null), text.captions (input.coco_per_image),
+#    provenance.schema; every build has one declared schema (stages/record/features.py).
+SCHEMA_VERSION = 2
+# ``turn`` of an entity found in ``text.caption`` (a single caption); otherwise the index into
+# ``text.conversations`` or into ``text.captions``. Schema 1 records wrote null: readers take both.
+CAPTION_TURN = -1
 
 
 def _pipeline_version() -> str:
@@ -104,23 +109,46 @@ def make_key(dataset: str, source_id: str, suffix: str | int | None = None) -> s
 
 
 def new_record(key: str, source: dict, width: int, height: int, sha256: str, text: dict) -> dict:
+    source = dict(source)
+    source.setdefault("meta", {})          # every record has one, {} when the input had no extra field
     return {
         "key": key,
-        "source": dict(source),
+        "source": source,
         "image": {"width": int(width), "height": int(height), "sha256": sha256},
         "text": dict(text),
         "entities": [],
         "regions": [],
-        "provenance": {"pipeline": PIPELINE_VERSION},
+        "provenance": {"schema": SCHEMA_VERSION, "pipeline": PIPELINE_VERSION},
     }
 
 
+def is_caption_turn(turn: Any) -> bool:
+    """Whether an entity's ``turn`` means the single caption (``-1``; ``None`` in schema 1)."""
+    return turn is None or turn == CAPTION_TURN
+
+
 def entity_text(record: dict, entity: dict) -> str:
-    """The text an entity's offsets index into: the caption or its conversation turn."""
+    """The text an entity's offsets index into: the caption, one of the captions, or its
+    conversation turn."""
     text = record["text"]
-    if entity.get("turn") is None:
+    turn = entity.get("turn")
+    if is_caption_turn(turn):
         return text["caption"]
-    return text["conversations"][entity["turn"]]["value"]
+    if "captions" in text:
+        return text["captions"][turn]
+    return text["conversations"][turn]["value"]
+
+
+def texts_to_parse(record: dict) -> list[tuple[int, str]]:
+    """``(turn, text)`` of every text of a record whose noun phrases become entities: the
+    caption (turn -1), each of ``captions`` (its index), or the assistant turns of a conversation."""
+    text = record.get("text") or {}
+    caption = text.get("caption")
+    if isinstance(caption, str) and caption.strip():
+        return [(CAPTION_TURN, caption)]
+    if isinstance(text.get("captions"), list):
+        return [(i, c) for i, c in enumerate(text["captions"]) if isinstance(c, str)]
+    return [(i, str(turn.get("value") or "")) for i, turn in assistant_turns(text.get("conversations"))]
 
 
 def is_accepted(region: dict) -> bool:

@@ -1,12 +1,14 @@
 """Shards (docs/schema.md) -> training examples and batches for a VLM family.
 
 * A caption becomes ``[user: <image> + instruction, assistant: caption]`` (instruction
-  configurable); instruction conversations are used as they are (the first human turn's
+  configurable); a list of captions (``text.captions``) the same exchange once per caption, in
+  one example; instruction conversations are used as they are (the first human turn's
   ``<image>`` placeholder becomes the image slot).
 * The text is what the processor's chat template produces. Entity character spans (offsets into
-  the caption or into turn ``turn``) are located in that exact text and become token spans via
-  the tokenizer's offset mapping; the processor's own ``input_ids`` (image placeholders
-  expanded) are aligned with that tokenisation, so nothing is re-derived by hand.
+  the text of ``turn``: -1 the caption, else the index into ``captions`` or ``conversations``)
+  are located in that exact text and become token spans via the tokenizer's offset mapping; the
+  processor's own ``input_ids`` (image placeholders expanded) are aligned with that
+  tokenisation, so nothing is re-derived by hand.
 * Labels are -100 everywhere except the assistant answers (and the end-of-turn token after each).
 * Each grounded entity's mask (union of accepted regions, COCO RLE) goes through the family's
   geometry (``stages.train.geometry``) onto the image-token grid.
@@ -67,9 +69,21 @@ class DataConfig:
     max_length: int = 2048
 
 
-def _messages(record: dict, instruction: str) -> tuple[list[dict], list[str]]:
-    """Chat messages and the plain text of each turn (entity offsets index these texts)."""
+def _messages(record: dict, instruction: str) -> tuple[list[dict], list[str], dict[int, int]]:
+    """Chat messages, the plain text of each message (entity offsets index these texts), and
+    ``{entity turn: message index}``: a conversation's turns are its messages; a caption (turn
+    -1) is the answer to ``instruction``; a list of captions (``text.captions``) is the same
+    question asked again before each caption, caption ``i`` the answer in message ``2 i + 1``."""
     text = record["text"]
+    if isinstance(text.get("captions"), list) and not text.get("conversations"):
+        msgs, turns, where = [], [], {}
+        for i, caption in enumerate(text["captions"]):
+            ask = [{"type": "text", "text": instruction}]
+            msgs.append({"role": "user", "content": ([{"type": "image"}] if i == 0 else []) + ask})
+            msgs.append({"role": "assistant", "content": [{"type": "text", "text": caption}]})
+            turns += [instruction, caption]
+            where[i] = 2 * i + 1
+        return msgs, turns, where
     if text.get("conversations"):
         msgs, turns = [], []
         image_done = False
@@ -86,11 +100,11 @@ def _messages(record: dict, instruction: str) -> tuple[list[dict], list[str]]:
             content.append({"type": "text", "text": value})
             msgs.append({"role": role, "content": content})
             turns.append(value)
-        return msgs, turns
+        return msgs, turns, {i: i for i in range(len(turns))}
     caption = text["caption"]
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]},
             {"role": "assistant", "content": [{"type": "text", "text": caption}]}]
-    return msgs, [instruction, caption]
+    return msgs, [instruction, caption], {rec.CAPTION_TURN: 1}
 
 
 def build_example(sample: dict, processor, cfg: DataConfig, image: np.ndarray | None = None) -> dict | None:
@@ -99,7 +113,7 @@ def build_example(sample: dict, processor, cfg: DataConfig, image: np.ndarray | 
     record = sample["record"]
     if image is None:
         image = decode_image(sample["image"])
-    msgs, turns = _messages(record, cfg.instruction)
+    msgs, turns, where = _messages(record, cfg.instruction)
     text = processor.apply_chat_template(msgs, tokenize=False)
     # where each turn's text sits in the templated text
     starts, cursor = [], 0
@@ -155,8 +169,10 @@ def build_example(sample: dict, processor, cfg: DataConfig, image: np.ndarray | 
         mask = entity_mask(record, ent)
         if mask is None or not mask.any():
             continue
-        turn_i = ent.get("turn")
-        turn_i = (len(turns) - 1) if turn_i is None else int(turn_i)
+        turn = ent.get("turn")
+        turn_i = where.get(rec.CAPTION_TURN if rec.is_caption_turn(turn) else int(turn))
+        if turn_i is None:
+            raise ValueError(f"{record['key']}: entity {ent.get('id')} has turn {turn}, not a text of the sample")
         a, b = starts[turn_i] + ent["start"], starts[turn_i] + ent["end"]
         toks = [pos_map[k] for k, (s, e) in enumerate(offsets) if e > a and s < b and e > s]
         if cfg.query == "predict":

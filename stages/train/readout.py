@@ -82,15 +82,3 @@ def score_split(model, capture, examples, masks, collator, method="relative", va
                 n += 1
     return {"giou": float(np.mean(ious)) if ious else float("nan"),
             "ciou": inter_sum / max(union_sum, 1), "pointing": hits / max(n, 1), "entities": n}
-
-
-def overlay(image: np.ndarray, heat_pixels: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """RGB overlay: heat in red, predicted/ground-truth mask outline in green."""
-    h = heat_pixels / max(float(heat_pixels.max()), 1e-12)
-    out = image.astype(np.float32) * 0.5
-    out[..., 0] += 127 * h
-    if mask is not None:
-        from skimage.segmentation import find_boundaries
-
-        out[find_boundaries(mask.astype(bool))] = (0, 255, 0)
-    return np.clip(out, 0, 255).astype(np.uint8)
