@@ -206,7 +206,9 @@ def _no_secrets(text: str) -> str:
 
     text = re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)
     token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    return text.replace(token, "***") if token else text
+    from pipeline.store import redact  # object-storage credentials (AWS_* of the environment)
+
+    return redact(text.replace(token, "***") if token else text)
 
 
 def _build(args) -> int:
@@ -255,14 +257,21 @@ def _convert(args) -> int:
 
 
 def _inspect(args) -> int:
-    import json
-
     from pipeline.inspect import analyze, render
 
     for name in ("top", "worst", "max_samples", "per_page"):
         if getattr(args, name) < (0 if name in ("top", "worst") else 1):
             raise BadArguments(f"--{name.replace('_', '-')} must be {'>= 0' if name in ('top', 'worst') else '>= 1'}")
-    report = analyze(args.out, top=args.top, worst=args.worst)
+    from pipeline.store import local_copy
+
+    with local_copy(args.out) as out:  # a build in object storage: read from a temporary copy
+        return _inspect_folder(args, out, analyze, render)
+
+
+def _inspect_folder(args, out: str, analyze, render) -> int:
+    import json
+
+    report = analyze(out, top=args.top, worst=args.worst)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -275,7 +284,7 @@ def _inspect(args) -> int:
     if args.html:
         from pipeline.gallery import write_gallery
 
-        info = write_gallery(args.out, args.html, max_samples=args.max_samples, per_page=args.per_page, report=report)
+        info = write_gallery(out, args.html, max_samples=args.max_samples, per_page=args.per_page, report=report)
         print(f"gallery: {info['path']} ({info['shown']} of {info['samples']} samples, {info['bytes'] / 1e6:.1f} MB)",
               file=sys.stderr if args.json else sys.stdout)
     return EXIT_OK
@@ -283,8 +292,10 @@ def _inspect(args) -> int:
 
 def _publish(args) -> int:
     from pipeline.publish import run
+    from pipeline.store import local_copy
 
-    return run(args.out, repo=args.repo, to=args.to, private=args.private, dry_run=args.dry_run,
+    with local_copy(args.out) as out:  # a build in object storage: published from a temporary copy
+        return run(out, repo=args.repo, to=args.to, private=args.private, dry_run=args.dry_run,
                exclude=args.exclude, revision=args.revision, message=args.message)
 
 

@@ -58,8 +58,18 @@ class CardConfig(_Section):
 
 
 class OutputConfig(_Section):
-    path: str = "out/sample"
+    path: str = Field("out/sample", description="output folder, or an fsspec URL (s3://bucket/prefix, gs://...; "
+                                                "file:// is a local folder); see README, Output")
     samples_per_shard: int = Field(1000, ge=1)
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec storage options of a URL output.path (e.g. endpoint_url); "
+                                          "never written to the output. Credentials: prefer the environment (AWS_*)")
+
+    @field_validator("path")
+    @classmethod
+    def _file_url(cls, value: str) -> str:
+        # file:///data/x is the local folder /data/x: the same build as without the scheme
+        return value[len("file://"):] if value.startswith("file://") else value
 
 
 class RuntimeConfig(_Section):

@@ -23,7 +23,7 @@ from stages.record.shards import LAYOUT
 # Settings that do not change what a shard holds: left out of the fingerprint (README "Resume").
 NOT_SHAPING = {
     "runtime": None,  # the whole section: executor, workers, device, dtype, batch sizes, seed
-    "output": ("path",),
+    "output": ("path", "storage_options"),
     "card": None,     # license, homepage, citation: only the dataset card says them
     "adjudicate": ("base_url", "api_key_env", "concurrency", "workers", "batch_size", "timeout_s",
                    "max_retries", "backoff_s", "max_backoff_s", "max_retry_after_s",

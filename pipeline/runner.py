@@ -51,8 +51,13 @@ def build_stages(manifest: Manifest) -> list[Stage]:
         PrepareStage(manifest.detect, manifest.segment, manifest.runtime),
         GroundAndSegment(manifest.detect, manifest.segment, manifest.runtime),
         # the output folder: the LLM judge reuses the answers in its logs (absolute: Ray workers)
-        AdjudicateStage(manifest.adjudicate, out_dir=str(Path(manifest.output.path).resolve())),
+        AdjudicateStage(manifest.adjudicate, out_dir=_judge_dir(manifest.output.path)),
     ]
+
+
+def _judge_dir(path: str) -> str | None:
+    """The local output folder (absolute: Ray workers); None for object storage (no judge cache)."""
+    return None if "://" in path else str(Path(path).resolve())
 
 
 # --- Ray wrappers: one stage object per worker process, built on first use ----------------
@@ -108,11 +113,15 @@ def _layout(data: dict) -> dict:
     return out
 
 
-def check_output_matches(out: Path, manifest: Manifest) -> None:
-    previous = out / "manifest.resolved.yaml"
-    if not previous.exists():
-        return
-    data = yaml.safe_load(previous.read_text()) or {}
+def check_output_matches(out: Path, manifest: Manifest, text: str | None = None) -> None:
+    """Refuse other layout fields than the build in ``out`` (``text``: its resolved manifest,
+    given for a build in object storage)."""
+    if text is None:
+        previous = Path(out) / "manifest.resolved.yaml"
+        if not previous.exists():
+            return
+        text = previous.read_text()
+    data = yaml.safe_load(text) or {}
     if isinstance(data.get("input"), dict):
         # fields added to input: since that build was made take their defaults, as they did then
         try:
@@ -180,11 +189,11 @@ def plan(manifest: Manifest, writer, redone: dict | None = None) -> tuple[list[d
         if reason is None:
             done.add(shard)
             records[shard] = writer.done_record(shard)
-        elif any(p.exists() for p in writer.paths(shard).values()):
+        elif writer.has_files(shard):
             reason = reason.split(":")[0]
             redone[reason] = redone.get(reason, 0) + 1
             log.warning("shard %d is redone: %s", shard, reason)
-    check_fingerprints(writer.out, records, writer.settings)
+    check_fingerprints(writer.location, records, writer.settings)
     for shard in per_shard:
         if shard not in done:
             writer.clear(shard)
@@ -333,6 +342,11 @@ def build(manifest: Manifest, progress: bool = True, overwrite: bool = False, ve
     progress bar on stderr; ``verbose``: Ray's own logs and progress too (``-v``)."""
     from pipeline.outdir import check_is_build_folder, clear_build, lock
 
+    if "://" in manifest.output.path:  # object storage (pipeline/remote_out.py)
+        from pipeline.remote_out import remote_build
+
+        with remote_build(manifest, overwrite, check_output_matches, check_models) as remote:
+            return _build_locked(manifest, remote.staging, progress, verbose, remote=remote)
     out = Path(manifest.output.path)
     check_is_build_folder(out)
     if not overwrite:
@@ -344,7 +358,7 @@ def build(manifest: Manifest, progress: bool = True, overwrite: bool = False, ve
         return _build_locked(manifest, out, progress, verbose)
 
 
-def _build_locked(manifest: Manifest, out: Path, progress: bool, verbose: bool = False) -> dict:
+def _build_locked(manifest: Manifest, out: Path, progress: bool, verbose: bool = False, remote=None) -> dict:
     from pipeline.console import BuildProgress, quiet_transformers
     from pipeline.outdir import settings_of
     from pipeline.stats import aggregate_stats, resolved_models, write_card, write_resolved_manifest
@@ -356,7 +370,8 @@ def _build_locked(manifest: Manifest, out: Path, progress: bool, verbose: bool =
 
         prompt = load_prompt(manifest.adjudicate.prompt)
         extra.update(judge_model=manifest.adjudicate.model, judge_prompt=prompt.name, judge_prompt_hash=prompt.hash)
-    writer = ShardWriter(out, manifest.name, settings_of(manifest, {**resolved_models(manifest), **extra}))
+    settings = settings_of(manifest, {**resolved_models(manifest), **extra})
+    writer = remote.writer(manifest.name, settings) if remote else ShardWriter(out, manifest.name, settings)
     started = time.perf_counter()
     redone: dict[str, int] = {}
     pending, expected, skipped = plan(manifest, writer, redone)
@@ -395,6 +410,8 @@ def _build_locked(manifest: Manifest, out: Path, progress: bool, verbose: bool =
            "executor": manifest.runtime.executor}
     # written only now: every shard is complete and made with these settings, so the manifest
     # and the card describe what the shards hold
+    if remote:
+        return remote.finish(manifest, run, extra, __version__)
     resolved = write_resolved_manifest(out, manifest, extra)
     stats = aggregate_stats(out, run)
     write_card(out, manifest, stats, resolved, __version__)

@@ -16,16 +16,20 @@ from stages.record import SCHEMA_VERSION
 from stages.record.features import card_features
 
 
-def aggregate_stats(out_dir: Path, run: dict | None = None) -> dict:
-    """Sum every complete shard's stats into stats.json (so resumed runs add up exactly)."""
+def aggregate_stats(out_dir: Path, run: dict | None = None, complete: set[int] | None = None) -> dict:
+    """Sum every complete shard's stats into stats.json (so resumed runs add up exactly).
+    ``complete``: the complete shards' numbers when ``out_dir`` is a staging copy without the tars
+    (a build into object storage, ``pipeline/remote_out.py``)."""
     totals: Counter = Counter()
     by_key: dict[str, Counter] = {k: Counter() for k in (
         "rejected_by_reason", "entities_by_status", "skipped_by_reason", "verdicts_by_reason", "stage_seconds")}
     shards = 0
     judge_shards: list[dict] = []
     for path in sorted((out_dir / "stats").glob("*.json")):
-        tar_exists = any((out_dir / "shards").glob(f"*-{path.stem}.tar"))
-        if not tar_exists or not (out_dir / "done" / path.name).exists():
+        if complete is not None:
+            if not path.stem.isdigit() or int(path.stem) not in complete:
+                continue
+        elif not any((out_dir / "shards").glob(f"*-{path.stem}.tar")) or not (out_dir / "done" / path.name).exists():
             continue  # shard not complete: its stats are not part of the output
         stats = json.loads(path.read_text())
         shards += 1
@@ -95,6 +99,7 @@ def write_resolved_manifest(out_dir: Path, manifest: Manifest, extra: dict | Non
         "python": platform.python_version(),
         **(extra or {}),
     }
+    data.get("output", {}).pop("storage_options", None)  # may hold credentials: never written
     if data["adjudicate"].get("base_url"):
         pass  # endpoints are fine to record; API keys are never part of the manifest
     (out_dir / "manifest.resolved.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
@@ -167,14 +172,17 @@ Each row has the image (`{image_ext}`) and the record (`json`); a region's mask 
 """
 
 
-def _judges_used(out_dir: Path) -> list[tuple[str, str, int]]:
+def _judges_used(out_dir: Path, complete: set[int] | None = None) -> list[tuple[str, str, int]]:
     """(judge model, prompt version, regions) from the adjudication logs of complete shards."""
     import pyarrow.parquet as pq
 
     used: Counter = Counter()
     for path in sorted((out_dir / "logs").glob("adjudication-*.parquet")):
         number = path.stem.rsplit("-", 1)[-1]
-        if not any((out_dir / "shards").glob(f"*-{number}.tar")):
+        if complete is not None:
+            if not number.isdigit() or int(number) not in complete:
+                continue
+        elif not any((out_dir / "shards").glob(f"*-{number}.tar")):
             continue
         names = pq.read_schema(path).names
         cols = [c for c in ("model", "prompt") if c in names]
@@ -190,7 +198,8 @@ def _counts(counts: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted((counts or {}).items(), key=lambda kv: -kv[1])) or "none"
 
 
-def write_card(out_dir: Path, manifest: Manifest, stats: dict, resolved: dict, version: str) -> None:
+def write_card(out_dir: Path, manifest: Manifest, stats: dict, resolved: dict, version: str,
+               complete: set[int] | None = None) -> None:
     """README.md: a Hub dataset card (YAML header valid for ``huggingface_hub.DatasetCard``,
     with the ``configs`` entry ``datasets.load_dataset(repo)`` follows) plus the statistics,
     the models with revisions, the judge and prompt version, and the resolved manifest."""
@@ -227,7 +236,7 @@ def write_card(out_dir: Path, manifest: Manifest, stats: dict, resolved: dict, v
         f"- inputs rejected by reason: {_counts(stats.get('rejected_by_reason'))}",
     ])
     res = resolved.get("resolved", {})
-    judges = _judges_used(out_dir)
+    judges = _judges_used(out_dir, complete)
     built = [
         f"- Look&Learn `{version}`; parser: spaCy `{manifest.parse.model}` noun chunks expanded to referring expressions"
         + (f" (`{res['parser']}`)" if res.get("parser") else ""),

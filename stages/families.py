@@ -100,9 +100,9 @@ def _check(config, field: str, accepted: dict) -> str | None:
     mt = model_type(config.model, getattr(config, "revision", None), field, download=True)
     if mt is None or mt in accepted:
         return mt
-    what = f"a {ALL[mt]} checkpoint" if mt in ALL else "a checkpoint"
+    what = f"a model of the {ALL[mt]} family" if mt in ALL else "a model"
     raise ModelFamilyError(
-        f"{field}: {config.model!r} is {what} (model_type {mt!r}), which {field} does not run. "
+        f"{field}: {config.model!r} holds {what} (model_type {mt!r}), which {field} does not run. "
         f"{field} accepts these families (model_type): {_accepts(accepted)}. See README 'Model families'.")
 
 

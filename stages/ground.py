@@ -17,6 +17,9 @@ The stage's work has three phases, which :class:`~stages.ground_segment.GroundAn
 interleaves with SAM's: :meth:`GroundStage.select` (which rows need the detector),
 :meth:`GroundStage.launch` (issue every forward pass, no wait) and :meth:`GroundStage.finish`
 (one wait, boxes on the host, regions into the records).
+
+``detect.backend: groundingdino`` runs the original package's model and an original ``.pth``
+behind the same calls (``stages/backends/groundingdino.py``): everything above is the same.
 """
 from __future__ import annotations
 
@@ -239,15 +242,16 @@ class GroundStage(Stage):
     def _forward(self, inputs: list[np.ndarray], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """One GroundingDINO pass over prepared (resized, uint8) images; outputs stay on the device."""
         pixel_values, pixel_mask = self.prep.upload(inputs, self.device)
-        tok = self.tokenizer(texts, padding="longest", return_tensors="pt")
-        pin = self.device.type == "cuda"
         feeds = {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
-        for name in ("input_ids", "attention_mask", "token_type_ids"):
-            if name in tok:
-                t = tok[name].pin_memory() if pin else tok[name]
-                feeds[name] = t.to(self.device, non_blocking=True)
         if self.detect.backend == "groundingdino":  # the original model tokenizes its captions itself
-            feeds = {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "captions": texts}
+            feeds["captions"] = texts
+        else:
+            tok = self.tokenizer(texts, padding="longest", return_tensors="pt")
+            pin = self.device.type == "cuda"
+            for name in ("input_ids", "attention_mask", "token_type_ids"):
+                if name in tok:
+                    t = tok[name].pin_memory() if pin else tok[name]
+                    feeds[name] = t.to(self.device, non_blocking=True)
         with torch.inference_mode(), autocast(self.device, self.dtype):
             out = self.model(**feeds)
         return out.logits.float(), out.pred_boxes.float()

@@ -14,6 +14,10 @@ Regions that already carry a mask are left alone.
 GPU path: the images arrive resized by CPU workers (``sam_pixels``, the prepare stage in
 ``stages/ground_segment.py``; resized here when absent), go to the device through pinned memory without blocking, are normalised and padded
 there; nothing waits for the device before the masks of the whole call are copied back.
+
+``segment.backend: segment-anything`` runs the original package's ``Sam`` and an original
+``.pth`` behind the same two calls (``stages/backends/segment_anything.py``): everything above is
+the same.
 """
 from __future__ import annotations
 

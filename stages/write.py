@@ -80,8 +80,17 @@ class ShardWriter:
             for tmp in (self.out / folder).glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
 
+    @property
+    def location(self) -> str:
+        """Where the shards are, for messages (a URL for a build into object storage)."""
+        return str(self.out)
+
     def paths(self, shard: int) -> dict[str, Path]:
         return output_paths(self.out, self.name, shard)
+
+    def has_files(self, shard: int) -> bool:
+        """Whether any file of the shard exists (complete or not)."""
+        return any(p.exists() for p in self.paths(shard).values())
 
     def check(self, shard: int, hashes: bool = False) -> str | None:
         """None when the shard is complete, else why not (see ``check_shard``)."""

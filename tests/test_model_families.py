@@ -147,11 +147,11 @@ def _cli_build(tmp_path: Path, sample_jsonl: Path, sets: list[str]) -> int:
 
 
 @pytest.mark.parametrize("field, wrong, expect", [
-    ("detect.model", "sam-tiny-random", "SAM checkpoint (model_type 'sam')"),
-    ("detect.model", "sam2", "SAM 2 checkpoint"),
-    ("segment.model", "grounding-dino-tiny-random", "GroundingDINO checkpoint"),
-    ("segment.model", "owlv2", "OWLv2 checkpoint"),
-    ("segment.model", "sam3", "SAM 3 checkpoint"),
+    ("detect.model", "sam-tiny-random", "the SAM family (model_type 'sam')"),
+    ("detect.model", "sam2", "the SAM 2 family"),
+    ("segment.model", "grounding-dino-tiny-random", "the GroundingDINO family"),
+    ("segment.model", "owlv2", "the OWLv2 family"),
+    ("segment.model", "sam3", "the SAM 3 family"),
 ])
 def test_wrong_architecture_is_exit_2_naming_the_field(field, wrong, expect, families, tiny_models, sample_jsonl,
                                                        tmp_path, capsys):
@@ -238,3 +238,31 @@ def test_tiny_models_cli_offers_every_family(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["tiny-models", str(tmp_path), "--family", "not-a-family"])
     assert exc.value.code == EXIT_BAD_INPUT and "--family" in capsys.readouterr().err
+
+
+def test_hub_ids_dispatch_on_the_cached_config(families, tmp_path, monkeypatch):
+    """A hub id (offline, from the Hugging Face cache) is dispatched on its config.json like a
+    folder: the name says nothing ('someone/detector' holds OWLv2) and a wrong family is exit 2."""
+    import shutil
+
+    from conftest_models import cpu_runtime, detect_config, segment_config
+    from stages.families import ModelFamilyError, check_detector_family, check_segmenter_family, make_ground_stage
+    from stages.owl import OwlGroundStage
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    commit = "b" * 40
+    repo = tmp_path / "hf-home" / "hub" / "models--someone--detector"
+    shutil.copytree(families["owlv2"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+    assert check_detector_family(detect_config("someone/detector")) == "owlv2"
+    stage = make_ground_stage(detect_config("someone/detector"), cpu_runtime())
+    assert isinstance(stage, OwlGroundStage)
+    stage.setup()
+    assert stage.ref == f"someone/detector@{commit}"
+    with pytest.raises(ModelFamilyError, match=r"^segment\.model: 'someone/detector' holds a model of the OWLv2 family"):
+        check_segmenter_family(segment_config("someone/detector"))

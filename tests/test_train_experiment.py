@@ -2,7 +2,9 @@
 λ > 0 must raise held-out attention-mask gIoU over λ = 0 by a clear margin, also over the λ = 0
 model's best single layer. Margin seen while choosing the setting (seeds 0, 1, 2): gIoU
 +0.24 / +0.27 / +0.25 over λ = 0 in the same layers and +0.14 / +0.18 / +0.27 over λ = 0's best
-layer; the test asks for +0.10 and +0.05. Marked slow."""
+layer; the test asks for +0.10 and +0.05. With the scenes from devkit/scenes.py (seed 0, measured
+when the experiment moved to it): gIoU 0.096 -> 0.386, +0.29 over λ = 0 and +0.21 over its best
+layer (0.180). Marked slow."""
 from __future__ import annotations
 
 import math
