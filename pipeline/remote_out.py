@@ -29,7 +29,11 @@ _KEEP_LOCAL = ("stats", "log", DONE)   # what the run-level files read; the rest
 
 
 def check_is_build_store(store: Store) -> None:
-    """Refuse a non-empty prefix that is not a Look&Learn build; touch nothing in it."""
+    """Refuse a missing bucket, and a non-empty prefix that is not a Look&Learn build; touch nothing."""
+    bucket = store.root.split("/", 1)[0]
+    if not store.fs.exists(bucket):
+        raise ManifestError(f"output.path {store.url}: the bucket {bucket!r} does not exist or these "
+                            f"credentials cannot see it (AWS_* of the environment or output.storage_options)")
     entries = store.top_level()
     if not entries:
         return

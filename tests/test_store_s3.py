@@ -26,6 +26,7 @@ moto_server = pytest.importorskip("moto.server")
 from pipeline.cli import main  # noqa: E402
 from pipeline.manifest import ManifestError, load_manifest  # noqa: E402
 from pipeline.runner import build  # noqa: E402
+from test_cluster import ray_cluster  # noqa: E402,F401  (the loopback two-node cluster fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "manifests" / "sample.yaml"
@@ -185,9 +186,9 @@ def test_resume_redoes_only_the_shard_whose_object_is_gone(s3, overrides, local_
 def test_credentials_never_reach_an_error(s3, overrides, capsys):
     code = main(["build", str(SAMPLE), "--out", "s3://no-such-bucket-x/out", "--no-progress",
                  *[x for s in overrides for x in ("--set", s)],
-                 "--set", f"output.storage_options={json.dumps({'secret': FAKE_SECRET})}"])
+                 "--set", f"output.storage_options={json.dumps({'key': FAKE_KEY_ID, 'secret': FAKE_SECRET})}"])
     err = capsys.readouterr().err
-    assert code != 0 and "error" in err
+    assert code == 2 and "output.path s3://no-such-bucket-x/out" in err and "does not exist" in err
     assert FAKE_SECRET not in err and FAKE_KEY_ID not in err
 
 
@@ -211,44 +212,37 @@ def test_lock_object_refuses_a_live_build_and_takes_over_a_dead_ones(s3):
 
 
 @pytest.mark.slow
-def test_two_node_ray_cluster_killed_and_resumed_equals_local_build(s3, overrides, local_out, tmp_path):
-    from ray.cluster_utils import Cluster
-
+def test_two_node_ray_cluster_killed_and_resumed_equals_local_build(s3, overrides, ray_cluster, tmp_path):  # noqa: F811
+    """The loopback cluster of tests/test_cluster.py (two ``ray start`` nodes, 1 CPU each)."""
     fs, url, prefix = s3["fs"], f"s3://{BUCKET}/cluster", f"{BUCKET}/cluster"
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "object_store_memory": 150 * 1024 * 1024, "include_dashboard": False})
-    try:
-        cluster.add_node(num_cpus=1, object_store_memory=150 * 1024 * 1024)
-        cluster.wait_for_nodes()
-        sets = [s for s in overrides if not s.startswith("runtime.executor")] + [
-            "runtime.executor=ray", f"runtime.ray_address={cluster.address}", "input.limit=8"]
-        args = [sys.executable, "-m", "pipeline", "build", str(SAMPLE), "--out", url, "--no-progress",
-                *[x for s in sets for x in ("--set", s)]]
-        env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled")
-        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True)
-        deadline = time.time() + 400
-        while time.time() < deadline and proc.poll() is None:
-            fs.invalidate_cache()
-            if fs.exists(f"{prefix}/done") and fs.ls(f"{prefix}/done", refresh=True):
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "the build ended before it could be killed: " + proc.stderr.read().decode()[-3000:]
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    sets = [s for s in overrides if not s.startswith("runtime.executor")] + [
+        "runtime.executor=ray", f"runtime.ray_address={ray_cluster}", "input.limit=8"]
+    args = [sys.executable, "-m", "pipeline", "build", str(SAMPLE), "--out", url, "--no-progress",
+            *[x for s in sets for x in ("--set", s)]]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        if fs.exists(f"{prefix}/done") and fs.ls(f"{prefix}/done", refresh=True):
+            break   # a shard is complete in the bucket: kill the driver mid-build
         fs.invalidate_cache()
-        kept = len(fs.ls(f"{prefix}/done", refresh=True))
-        assert 1 <= kept < 4
-        rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, timeout=500)
-        assert rerun.returncode == 0, rerun.stderr.decode()[-3000:]
-        stats = json.loads(fs.cat_file(f"{prefix}/stats.json"))
-        assert stats["last_run"]["executor"] == "ray"
-        assert stats["last_run"]["shards_skipped"] >= kept
-        assert stats["shards"] == 4
-        local8 = tmp_path / "local8"
-        _build(str(local8), overrides, ["input.limit=8"])
-        _assert_equals_local(fs, prefix, local8, exact=False)
-        _no_secret_anywhere(fs, prefix)
-        assert FAKE_SECRET not in rerun.stderr.decode() + rerun.stdout.decode()
-    finally:
-        cluster.shutdown()
+        time.sleep(0.2)
+    assert proc.poll() is None, "the build ended before it could be killed: " + proc.stderr.read().decode()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    fs.invalidate_cache()
+    kept = len(fs.ls(f"{prefix}/done", refresh=True))
+    assert 1 <= kept < 4
+    assert fs.exists(f"{prefix}/.lock")   # left by the killed driver: taken over (its pid is dead)
+    rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr.decode()[-3000:]
+    stats = json.loads(fs.cat_file(f"{prefix}/stats.json"))
+    assert stats["last_run"]["executor"] == "ray"
+    assert stats["last_run"]["shards_skipped"] >= kept
+    assert stats["shards"] == 4
+    local8 = tmp_path / "local8"
+    _build(str(local8), overrides, ["input.limit=8"])
+    _assert_equals_local(fs, prefix, local8, exact=False)
+    _no_secret_anywhere(fs, prefix)
+    assert FAKE_SECRET not in rerun.stderr.decode() + rerun.stdout.decode()
