@@ -110,7 +110,8 @@ def summary_table(stats: dict, top: int = 5) -> Table:
     table.add_column()
     shards = f"{run.get('shards_written', 0)} written, {run.get('shards_skipped', 0)} already complete (kept)"
     if redone:
-        shards += f", {sum(redone.values())} redone ({', '.join(f'{n} {why}' for why, n in sorted(redone.items()))})"
+        why_text = ", ".join(f"{n} {why}" for why, n in sorted(redone.items()))
+        shards += f", {sum(redone.values())} redone ({why_text}: incomplete or corrupt, written again)"
     table.add_row("shards this run", shards)
     table.add_row("samples this run", f"{processed} in, {processed - rejected} out, {rejected} rejected"
                   if processed else "none: every shard was already complete")

@@ -246,3 +246,21 @@ def test_two_node_ray_cluster_killed_and_resumed_equals_local_build(s3, override
     _assert_equals_local(fs, prefix, local8, exact=False)
     _no_secret_anywhere(fs, prefix)
     assert FAKE_SECRET not in rerun.stderr.decode() + rerun.stdout.decode()
+
+
+def test_redact_hides_environment_and_storage_option_secrets(monkeypatch):
+    from pipeline.store import redact
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+    text = redact(f"denied for {FAKE_SECRET} and sk-opt-9f8e7d via http://minio:9000",
+                  {"client_kwargs": {"aws_secret_access_key": "sk-opt-9f8e7d"}, "endpoint_url": "http://minio:9000"})
+    assert FAKE_SECRET not in text and "sk-opt-9f8e7d" not in text
+    assert "http://minio:9000" in text   # not a secret: kept, the message stays useful
+
+
+def test_file_url_is_the_local_folder(tmp_path):
+    manifest = load_manifest(SAMPLE, [], out=(tmp_path / "x").as_uri())
+    assert manifest.output.path == str(tmp_path / "x")
+    from pipeline.store import is_url
+
+    assert is_url("s3://b/p") and is_url("gs://b/p") and not is_url(manifest.output.path)
