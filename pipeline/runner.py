@@ -77,6 +77,12 @@ def _worker_stage(index: int, manifest_json: str, limiter=None) -> Stage:
     return stage
 
 
+def worker_manifest_json(manifest: Manifest) -> str:
+    """The manifest the Ray workers get: without ``output.storage_options`` (credentials stay on the driver)."""
+    output = manifest.output.model_copy(update={"storage_options": {}})
+    return manifest.model_copy(update={"output": output}).model_dump_json()
+
+
 def _cpu_task(index: int, name: str, manifest_json: str):
     """A Ray task function called ``name`` so that progress lines read MapBatches(parse)."""
     def fn(batch: dict) -> dict:
@@ -293,7 +299,7 @@ def _execute_ray(manifest: Manifest, rows: list[dict], first: int = 0, verbose: 
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # shards complete in order
         _bound_streaming(ctx)
-        manifest_json = manifest.model_dump_json()
+        manifest_json = worker_manifest_json(manifest)
         gpus = ray.cluster_resources().get("GPU", 0)
         cpus = ray.cluster_resources().get("CPU", 1)
         use_gpu = gpus >= 1 and runtime.device != "cpu"

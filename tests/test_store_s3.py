@@ -264,3 +264,14 @@ def test_file_url_is_the_local_folder(tmp_path):
     from pipeline.store import is_url
 
     assert is_url("s3://b/p") and is_url("gs://b/p") and not is_url(manifest.output.path)
+
+
+def test_ray_workers_never_get_the_storage_options():
+    from pipeline.runner import worker_manifest_json
+
+    manifest = load_manifest(SAMPLE, [f"output.storage_options={json.dumps({'key': FAKE_KEY_ID, 'secret': FAKE_SECRET})}"],
+                             out=f"s3://{BUCKET}/x")
+    assert manifest.output.storage_options["secret"] == FAKE_SECRET
+    sent = worker_manifest_json(manifest)
+    assert FAKE_SECRET not in sent and FAKE_KEY_ID not in sent
+    assert json.loads(sent)["output"]["path"] == f"s3://{BUCKET}/x"
