@@ -206,7 +206,9 @@ def _cli(args, **kw):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("executor, kill_after_shards", [("local", 1), ("local", 4), ("ray", 2)])
+# One kill here, with the local loop: tests/test_chaos.py kills Ray builds ten times at random
+# moments (before, between and during shard writes, after the last one).
+@pytest.mark.parametrize("executor, kill_after_shards", [("local", 2)])
 def test_kill_9_then_rerun_equals_uninterrupted(local_out, module_overrides, tmp_path, executor, kill_after_shards):
     out = tmp_path / "killed"
     sets = module_overrides + ["output.samples_per_shard=2", "runtime.cpu_batch_size=2",

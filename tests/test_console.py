@@ -72,7 +72,19 @@ def test_local_build_prints_one_bar_and_a_summary_table(tmp_path, capfd, sample_
 
 
 @pytest.mark.slow
-def test_ray_build_is_quiet_without_v(tmp_path, capfd, sample_manifest_args):
+def test_ray_build_is_quiet_without_v(tmp_path, capfd, sample_manifest_args, monkeypatch):
+    import logging
+    import sys
+
+    import ray.data  # noqa: F401  (creates Ray's console handlers, as the build would)
+
+    # Ray's console handlers keep the sys.stderr of the moment ray was first imported: in a full test
+    # run that is pytest's global capture, not this test's capfd. Point them at the stream a fresh
+    # process would have, so both halves below read what a user's terminal would show.
+    for name in ("ray", "ray.data"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                monkeypatch.setattr(handler, "stream", sys.stderr)
     sets = [*sample_manifest_args, "runtime.executor=ray", "input.limit=8"]
     assert _build(tmp_path / "o", sets) == 0
     out, err = capfd.readouterr()
