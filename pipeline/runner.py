@@ -292,6 +292,11 @@ def _execute_ray(manifest: Manifest, rows: list[dict], first: int = 0, verbose: 
         else:
             kwargs["num_cpus"] = runtime.num_cpus or os.cpu_count()
             kwargs["object_store_memory"] = runtime.object_store_memory_mb * _MB
+            # Keep idle workers instead of ending them: the CPU stages run as fractional-CPU tasks
+            # (_cpu_task_cpus), more at once than Ray's default soft limit (one worker per CPU),
+            # and each restarted worker imports torch/spaCy again. 1,500 rows on 2 CPUs:
+            # 190 s with the default, 118.5 s with 8 (bench/results/stream-throughput.md).
+            os.environ.setdefault("RAY_num_workers_soft_limit", str(2 * int(kwargs["num_cpus"]) + 4))
         ray.init(**kwargs)
         started_here = True
     quiet = None if verbose else quiet_ray(ray)
