@@ -24,9 +24,6 @@ from pathlib import Path
 
 import pytest
 
-
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "manifests" / "sample.yaml"
 RAY = Path(sys.executable).with_name("ray")
 MARKER = "LOOKANDLEARN_TEST_CLUSTER"
 

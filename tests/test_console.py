@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from pipeline.cli import main
 from pipeline.console import drop_native_log_lines, rate_text, summary_table
+from test_build_e2e import _cli
 
 SAMPLE = Path(__file__).resolve().parents[1] / "manifests" / "sample.yaml"
 NATIVE = (b"[2026-12-03 07:20:20,967 E 25497 25497] core_worker.cc:2465: Actor with class name: "
@@ -77,12 +76,10 @@ def _build_process(out, sets, *extra):
     """The CLI in a fresh process, as a user runs it: what reaches its stdout and stderr. (In this
     process Ray's console handlers keep whichever sys.stderr was current when an earlier test first
     imported Ray, so a capture here would not see what a terminal sees.)"""
-    cmd = [sys.executable, "-m", "pipeline", *extra, "build", str(SAMPLE), "--out", str(out),
-           *[x for s in sets for x in ("--set", s)]]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    done = subprocess.run(cmd, cwd=SAMPLE.parents[1], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout, done.stderr
+    proc = _cli([*extra, "build", str(SAMPLE), "--out", str(out), *[x for s in sets for x in ("--set", s)]])
+    out, err = (b.decode() for b in proc.communicate(timeout=600))
+    assert proc.returncode == 0, err[-3000:]
+    return out, err
 
 
 @pytest.mark.slow
