@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -161,6 +164,34 @@ class RemoteOutput:
         return stats
 
 
+_STAGING = "lookandlearn-staging-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # someone else's live process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def staging_folder():
+    """A fresh local staging folder named after this process (``lookandlearn-staging-{pid}-*``),
+    removed on exit. A build killed with kill -9 never runs that cleanup, so this first removes the
+    staging folders of processes that no longer exist (a live build's, or a reused pid's, are kept)."""
+    pattern = re.compile(re.escape(_STAGING) + r"(\d+)-")
+    for entry in Path(tempfile.gettempdir()).glob(_STAGING + "*"):
+        match = pattern.match(entry.name)
+        if match and entry.is_dir() and not _alive(int(match.group(1))):
+            log.info("removing the staging folder of a build that is gone: %s", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f"{_STAGING}{os.getpid()}-") as staging:
+        yield Path(staging)
+
+
 @contextlib.contextmanager
 def remote_build(manifest, overwrite: bool, check_output_matches, check_models):
     """The checks of a local build, then the store's lock and a staging folder: yields the
@@ -172,7 +203,7 @@ def remote_build(manifest, overwrite: bool, check_output_matches, check_models):
         if text is not None:
             check_output_matches(store.url, manifest, text.decode())
     check_models(manifest)
-    with remote_lock(store), tempfile.TemporaryDirectory(prefix="lookandlearn-staging-") as staging:
+    with remote_lock(store), staging_folder() as staging:
         if overwrite:
             clear_store_build(store)
-        yield RemoteOutput(store, Path(staging))
+        yield RemoteOutput(store, staging)

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -275,3 +276,24 @@ def test_ray_workers_never_get_the_storage_options():
     sent = worker_manifest_json(manifest)
     assert FAKE_SECRET not in sent and FAKE_KEY_ID not in sent
     assert json.loads(sent)["output"]["path"] == f"s3://{BUCKET}/x"
+
+
+def test_staging_folders_of_dead_builds_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
+    """kill -9 skips TemporaryDirectory's cleanup: the next remote build removes the staging folders
+    whose process is gone (the pid is in the name), never a live build's, never anything else."""
+    from pipeline import remote_out
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"lookandlearn-staging-{dead.pid}-abc"
+    live = tmp_path / f"lookandlearn-staging-{os.getpid()}-def"
+    other = tmp_path / "lookandlearn-staging-notapid-ghi"
+    for folder in (stale, live, other):
+        (folder / "stats").mkdir(parents=True)
+        (folder / "stats" / "x.json").write_text("{}")
+    with remote_out.staging_folder() as staging:
+        assert staging.name.startswith(f"lookandlearn-staging-{os.getpid()}-") and staging.is_dir()
+        assert not stale.exists()
+        assert live.is_dir() and other.is_dir()
+    assert not staging.exists()
