@@ -80,6 +80,18 @@ def _parser() -> argparse.ArgumentParser:
                       help="gallery: at most N samples, evenly subsampled (default 1000)")
     insp.add_argument("--per-page", type=int, default=24, metavar="N", help="gallery: samples per page (default 24)")
 
+    cost = sub.add_parser("cost", help="what a build of N inputs takes (GPU-hours, judge requests and tokens, output "
+                                       "size, optionally USD), scaled from a finished pilot build (see README, Cost model)")
+    cost.add_argument("out", metavar="OUT", help="a finished pilot build of the real data, with the real judge")
+    cost.add_argument("--images", type=int, required=True, metavar="N", help="inputs of the full build (e.g. 665000)")
+    cost.add_argument("--gpu-images-per-s", type=float, default=None, metavar="R",
+                      help="ground+segment images/s on one GPU (default: the H200 rate bench/results/gpu.json measured)")
+    cost.add_argument("--gpus", type=int, default=1, metavar="K", help="GPUs working in parallel (wall time)")
+    cost.add_argument("--usd-per-gpu-hour", type=float, default=None, metavar="USD")
+    cost.add_argument("--usd-per-m-prompt-tokens", type=float, default=None, metavar="USD")
+    cost.add_argument("--usd-per-m-completion-tokens", type=float, default=None, metavar="USD")
+    cost.add_argument("--json", action="store_true", help="print the estimate as JSON")
+
     pub = sub.add_parser("publish", help="upload shards, index, logs, stats, manifest and dataset card "
                                          "to the Hugging Face Hub (--repo) or any fsspec URL (--to)")
     pub.add_argument("out", metavar="OUT", help="a build's output folder")
@@ -290,6 +302,29 @@ def _inspect_folder(args, out: str, analyze, render) -> int:
     return EXIT_OK
 
 
+def _cost(args) -> int:
+    import json
+
+    from pipeline.cost import MEASURED_GPU_RATE, Prices, estimate, render
+    from pipeline.store import local_copy
+
+    prices = Prices(args.usd_per_gpu_hour, args.usd_per_m_prompt_tokens, args.usd_per_m_completion_tokens)
+    with local_copy(args.out) as out:
+        result = estimate(Path(out), args.images, MEASURED_GPU_RATE if args.gpu_images_per_s is None else args.gpu_images_per_s, args.gpus, prices)
+    result["pilot"]["folder"] = args.out
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"cost of {args.images:,} inputs", show_header=False)
+    for what, value in render(result):
+        table.add_row(what, value)
+    Console().print(table)
+    return EXIT_OK
+
+
 def _publish(args) -> int:
     from pipeline.publish import run
     from pipeline.store import local_copy
@@ -363,6 +398,7 @@ _COMMANDS = {
     "sample-data": _sample_data,
     "convert": _convert,
     "inspect": _inspect,
+    "cost": _cost,
     "publish": _publish,
     "train": _train,
     "experiment shapes": _experiment_shapes,
