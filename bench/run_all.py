@@ -125,7 +125,12 @@ def lines_for_results() -> dict[str, str]:
         out["scale.py"] = (f"- `scale.py`: whole sample build, {s['inputs']} inputs (the sample x{s['copies_of_sample']}, "
                            f"tiny random models), Ray with 1 CPU {r1['build_wall_seconds']} s vs 2 CPUs "
                            f"{r2['build_wall_seconds']} s = **{s['speedup_2_vs_1']:.2f}x** (target >= "
-                           f"{s['target_speedup']}: {_mark(s['meets_target'])}); same samples: {s['same_samples']}; "
+                           f"{s['target_speedup']}: {_mark(s['meets_target'])})"
+                           + (f"; start-up (a 30-input build) {s['startup_seconds']['1cpu']} s / "
+                              f"{s['startup_seconds']['2cpu']} s, the rest {s['extra_rows_seconds']['1cpu']} s vs "
+                              f"{s['extra_rows_seconds']['2cpu']} s = **{s['steady_speedup_2_vs_1']:.2f}x** steady"
+                              if s.get("steady_speedup_2_vs_1") else "")
+                           + f"; same samples: {s['same_samples']}; "
                            f"each run pinned to 1 or 2 of this machine's {s['machine_cpus']} cores. Details: `scale.json`.")
     st = _load("stream.json")
     if st and st.get("runs"):
