@@ -1,10 +1,18 @@
 """A local stand-in for an OpenAI-compatible judge server (tests, the offline sample, benchmarks).
 
 Speaks enough of the Chat Completions protocol for the ``openai`` client (``POST
-/v1/chat/completions``, ``GET /v1/models``) and answers with a deterministic policy: for each
-entity it accepts the candidate with the highest ``det_score`` (every candidate whose score is
-within ``plural_margin`` of the best, for a plural phrase) and rejects the others. It never
-judges anything; it only lets the pipeline run end to end without a GPU or network.
+/v1/chat/completions``, ``GET /v1/models``) and answers with a deterministic policy:
+
+* ``score`` (default): for each entity it accepts the candidate with the highest ``det_score``
+  (every candidate whose score is within ``plural_margin`` of the best, for a plural phrase) and
+  rejects the others. It never looks at anything; it only lets the pipeline run end to end.
+* ``colour``: a stand-in for what a visual judge sees (``adjudicate.visual: true`` sends the image
+  with the boxes drawn). For a phrase with a colour word of the generated scenes (red, blue, ...),
+  each candidate's box is looked into: the colour names of the pixels of its inner part (the
+  middle 50%, clear of the drawn outline and label), and a candidate is accepted when the phrase's
+  colour covers at least ``COLOUR_SHARE`` of them (the best-scoring such candidate for a singular
+  phrase, all of them for a plural one). A phrase without a colour word, or a request without an
+  image, falls back to ``score``. It is not a model: it knows eleven colour names and nothing else.
 
     python -m devkit.fake_judge_server --port 8011 --latency-ms 50
     lookandlearn build manifests/sample.yaml --set adjudicate.judge=openai \\
@@ -79,6 +87,92 @@ def policy_reply(payload: dict, plural_margin: float = 0.05) -> dict:
     return {"entities": entities}
 
 
+COLOUR_SHARE = 0.25    # of the box's inner pixels named the phrase's colour: enough to say "that is red"
+
+
+def request_image(body: dict):
+    """The first image of the last user message as an RGB numpy array, or None."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    for message in reversed(body.get("messages") or []):
+        if message.get("role") != "user" or isinstance(message.get("content"), str):
+            continue
+        for part in message.get("content") or []:
+            url = (part.get("image_url") or {}).get("url", "") if part.get("type") == "image_url" else ""
+            if url.startswith("data:") and "," in url:
+                try:
+                    raw = base64.b64decode(url.split(",", 1)[1])
+                    return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+                except Exception:
+                    return None
+        return None
+    return None
+
+
+def _colour_word(phrase: str) -> str | None:
+    from devkit.scenes import COLOURS
+
+    words = re.findall(r"[a-z]+", phrase.lower().replace("grey", "gray"))
+    return next((w for w in words if w in COLOURS), None)
+
+
+def colour_shares(image, box: list[float]) -> dict[str, float]:
+    """Share of each colour name among the pixels of the inner half of a normalised box."""
+    import numpy as np
+
+    from devkit.scenes import COLOURS
+
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = box
+    cx0, cx1 = x0 + (x1 - x0) * 0.25, x1 - (x1 - x0) * 0.25
+    cy0, cy1 = y0 + (y1 - y0) * 0.25, y1 - (y1 - y0) * 0.25
+    patch = image[max(0, int(cy0 * h)):max(int(cy0 * h) + 1, int(round(cy1 * h))),
+                  max(0, int(cx0 * w)):max(int(cx0 * w) + 1, int(round(cx1 * w)))].reshape(-1, 3).astype(np.float32)
+    if patch.size == 0:
+        return {}
+    names = list(COLOURS)
+    palette = np.asarray([COLOURS[n] for n in names], dtype=np.float32)
+    nearest = np.argmin(((patch[:, None, :] - palette[None]) ** 2).sum(-1), axis=1)
+    counts = np.bincount(nearest, minlength=len(names)) / len(nearest)
+    return {names[i]: float(counts[i]) for i in range(len(names)) if counts[i] > 0}
+
+
+def colour_policy_reply(payload: dict, image, plural_margin: float = 0.05) -> dict:
+    """``colour``: accept the candidates whose box shows the phrase's colour (see the module doc)."""
+    fallback = policy_reply(payload, plural_margin)
+    if image is None:
+        return fallback
+    entities = []
+    for entity, scored in zip(payload.get("entities", []), fallback["entities"]):
+        colour = _colour_word(entity.get("phrase", ""))
+        if colour is None:
+            entities.append(scored)
+            continue
+        shares = {c["id"]: colour_shares(image, c["box"]) for c in entity.get("candidates", [])}
+        matching = sorted((c for c in entity.get("candidates", []) if shares[c["id"]].get(colour, 0.0) >= COLOUR_SHARE),
+                          key=lambda c: (-c["det_score"], c["id"]))
+        accepted = {c["id"] for c in matching} if entity.get("plural") else {c["id"] for c in matching[:1]}
+        answers = []
+        for cand in entity.get("candidates", []):
+            seen = max(shares[cand["id"]].items(), key=lambda kv: kv[1])[0] if shares[cand["id"]] else "nothing"
+            if cand["id"] in accepted:
+                reason = f"{colour} inside the box"
+            elif shares[cand["id"]].get(colour, 0.0) >= COLOUR_SHARE:
+                reason = f"{colour} too, but candidate {matching[0]['id']} scores higher"
+            else:
+                reason = f"mostly {seen} inside the box, not {colour}"
+            answers.append({"id": cand["id"], "accept": cand["id"] in accepted, "reason": reason})
+        entities.append({"id": entity["id"], "visual": True, "candidates": answers})
+    return {"entities": entities}
+
+
+POLICIES = ("score", "colour")
+
+
 class _Server(ThreadingHTTPServer):
     request_queue_size = 1024  # many clients connect at once (the default backlog of 5 drops SYNs: 1 s stalls)
     daemon_threads = True
@@ -114,7 +208,10 @@ class FakeJudgeServer:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, latency_ms: float = 0.0, handler=None,
-                 plural_margin: float = 0.05, max_requests: int | None = None):
+                 plural_margin: float = 0.05, max_requests: int | None = None, policy: str = "score"):
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.policy = policy
         self.latency_s = latency_ms / 1000.0
         self.handler = handler
         self.plural_margin = plural_margin
@@ -201,8 +298,12 @@ class FakeJudgeServer:
             return reply.status, reply.headers, json.dumps(error).encode(), delay
         content = reply.content
         if content is None:
-            content = json.dumps(policy_reply(request.payload or {}, self.plural_margin)) \
-                if request.payload is not None else "I cannot find the sample."
+            if request.payload is None:
+                content = "I cannot find the sample."
+            elif self.policy == "colour":
+                content = json.dumps(colour_policy_reply(request.payload, request_image(request.body), self.plural_margin))
+            else:
+                content = json.dumps(policy_reply(request.payload, self.plural_margin))
         prompt_tokens = estimate_prompt_tokens(request.body.get("messages", []))
         completion_tokens = max(1, len(content) // 4)
         request.tokens = prompt_tokens + completion_tokens
@@ -287,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="answer every Nth request with HTTP 500 (0 = never)")
     parser.add_argument("--rate-limit-every", type=int, default=0, metavar="N",
                         help="answer every Nth request with HTTP 429 and Retry-After: 0.2 (0 = never)")
+    parser.add_argument("--policy", choices=POLICIES, default="score",
+                        help="score: accept the best detector score; colour: look for the phrase's colour inside "
+                             "each box (needs adjudicate.visual=true; a stand-in, not a model)")
     parser.add_argument("--max-requests", type=int, default=None, help="stop after this many requests")
     parser.add_argument("--max-seconds", type=float, default=None, help="stop after this many seconds")
     args = parser.parse_args(argv)
@@ -298,8 +402,9 @@ def main(argv: list[str] | None = None) -> int:
             return FakeReply(status=429, headers={"Retry-After": "0.2"})
         return None
 
-    server = FakeJudgeServer(args.host, args.port, args.latency_ms, handler, max_requests=args.max_requests)
-    print(f"fake judge server on {server.url} (latency {args.latency_ms:g} ms)", flush=True)
+    server = FakeJudgeServer(args.host, args.port, args.latency_ms, handler, max_requests=args.max_requests,
+                             policy=args.policy)
+    print(f"fake judge server on {server.url} (policy {args.policy}, latency {args.latency_ms:g} ms)", flush=True)
     if args.max_seconds:
         threading.Timer(args.max_seconds, server._httpd.shutdown).start()
     try:
