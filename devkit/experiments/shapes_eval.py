@@ -50,7 +50,7 @@ def with_queries(examples: list[dict], query: str) -> list[dict]:
 
 
 def _model_batch(collator, examples: list[dict]) -> tuple[dict, dict, torch.Tensor]:
-    batch = collator([{k: v for k, v in ex.items() if k != "geometry"} for ex in examples])
+    batch = collator(examples)   # the collator reads only the tensors and entities
     wtl = {k: batch.pop(k) for k in WTL_KEYS}
     labels = batch.pop("labels")
     return batch, wtl, labels
