@@ -47,7 +47,7 @@ def summarise(*, seed, lam, st, g_val, g_test, right, swapped, val_right, record
         "qa_by_type": by_type(right, records), "qa_image_swapped_by_type": by_type(swapped, records),
         "qa_text_prior": baselines["qa_text_prior"], "constant_answers": baselines["constant_answers"],
         "swap_drop": drop, "swap_drop_se": drop_se, "blind": not drop > 2 * drop_se,
-        "val_qa_acc": float(val_right.mean()), "n_val_questions": len(val_right),
+        "val_qa_acc": float(val_right.mean()) if len(val_right) else None, "n_val_questions": len(val_right),
         "final_lm_loss": hist[-1]["lm_loss"] if hist else None,
         "final_wtl_loss": hist[-1]["wtl_loss"] if hist else None, "history": hist,
         "train_seconds": trained["train_seconds"], "train_cpu_seconds": trained["train_cpu_seconds"],
@@ -64,14 +64,18 @@ def choose(rows: list[dict]) -> dict:
     question accuracy is at most CHOICE_QA_TOLERANCE below λ = 0's (any arm when none is);
     decided on the val split only."""
     grid = [r for r in rows if r.get("stage", "grid") == "grid"]
-    base = np.mean([r["val_qa_acc"] for r in grid if r["lambda"] == 0]) if grid else float("nan")
+
+    def qa(r):   # None: the setting asked no val questions (then any arm may be chosen)
+        return float("nan") if r["val_qa_acc"] is None else r["val_qa_acc"]
+
+    base = np.mean([qa(r) for r in grid if r["lambda"] == 0]) if grid else float("nan")
     arms: dict[tuple, list[dict]] = {}
     for r in grid:
         if r["lambda"] > 0:
             arms.setdefault((r["lambda"], r["query"], r["schedule"]), []).append(r)
     if not arms:
         raise ValueError("no λ > 0 runs to choose from")
-    score = {k: (float(np.mean([r["val_giou"] for r in v])), float(np.mean([r["val_qa_acc"] for r in v])))
+    score = {k: (float(np.mean([r["val_giou"] for r in v])), float(np.mean([qa(r) for r in v])))
              for k, v in arms.items()}
     ok = [k for k, (_, qa) in score.items() if qa >= base - CHOICE_QA_TOLERANCE] or list(score)
     best = max(ok, key=lambda k: score[k][0])
