@@ -1,23 +1,29 @@
 """Reduced shapes instrument (``--quick``: 64 px scenes, one seed, λ = 0 and λ > 0 from the same
 initial weights on the same fresh scenes): the λ > 0 model must ground better on held-out scenes
 (gIoU over λ = 0's, also over λ = 0's layer chosen on val) and must not be blind (its question
-accuracy drops when the images are swapped within the batch). MARGINS_DOC
-Marked slow."""
+accuracy drops when the images are swapped within the batch).
+
+Margins seen while choosing the setting (QUICK: 300 steps, lr 2e-3; λ = 0.3; seeds 0 / 1 / 2 / 3):
+gIoU over λ = 0 +0.116 / +0.090 / +0.152 / +0.124, over λ = 0's val-chosen layer +0.117 / +0.058 /
++0.153 / +0.077; the λ = 0.3 model's accuracy drop with swapped images 0.060 / 0.080 / 0.147 /
+0.070 (2.5 / 3.8 / 4.9 / 3.2 standard errors). The test runs seed 2 and asks for +0.05, +0.03 and a
+drop of more than 0.03 and 2 standard errors: every seed tried passes. At 200 steps neither arm
+used the image yet (swapped accuracy = own accuracy), hence 300. Marked slow."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-SEED = 0
+SEED = 2
 LAMBDA = 0.3
+GIOU_MARGIN, LAYER_MARGIN, SWAP_MARGIN = 0.05, 0.03, 0.03
 
 
 @pytest.mark.slow
 def test_wtl_grounds_better_and_still_looks(tmp_path):
     from devkit.experiments.shapes import QUICK, run_shapes
-    from devkit.experiments.shapes_report import format_results
-    from tests.test_shapes_instrument import RESULT_FIELDS
+    from devkit.experiments.shapes_report import RESULT_FIELDS, format_results
 
     rows = run_shapes(tmp_path, seeds=[SEED], st=QUICK, lams=[LAMBDA])
     by = {r["lambda"]: r for r in rows}
@@ -27,7 +33,7 @@ def test_wtl_grounds_better_and_still_looks(tmp_path):
     assert not wtl["blind"] and wtl["swap_drop"] > SWAP_MARGIN, wtl
     assert wtl["qa_acc"] > wtl["qa_constant"], wtl
     for r in rows:
-        assert RESULT_FIELDS <= set(r) and r["n_questions"] == QUICK.test_questions
+        assert set(RESULT_FIELDS) <= set(r) and r["n_questions"] == QUICK.test_questions
         for k in ("giou", "pointing", "oracle_giou", "qa_acc", "qa_constant", "qa_image_swapped"):
             assert 0.0 <= r[k] <= 1.0 and not math.isnan(r[k]), (k, r)
         assert r["giou"] < r["oracle_giou"] and r["caption_nll"] > 0

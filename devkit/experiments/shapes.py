@@ -312,7 +312,8 @@ def run_shapes(work: str | Path, seeds=(0, 1, 2), st: ShapesSetting = FULL, lams
                 if data is None:
                     data = Examples(_model(work, seed, st)[1], st)
                     sets = held_out_sets(data, st)
-                rows += run_one(work, seed, lam, replace(st, lam=lam), sets, data=data)
+                arm = replace(st, lam=lam, schedule=st.schedule if lam else "constant")   # λ = 0: no schedule
+                rows += run_one(work, seed, lam, arm, sets, data=data)
         return rows
 
     return _threads(go, threads)

@@ -161,7 +161,7 @@ def constant_baselines(train_counts: dict, records: list[dict]) -> dict:
         const.append(q["answer"] == best_type.get(q["type"]))
         prior.append(q["answer"] == best_text.get((q["type"], q["text"]), best_type.get(q["type"])))
     return {"qa_constant": float(np.mean(const)), "qa_text_prior": float(np.mean(prior)),
-            "constant_answers": best_type}
+            "constant_answers": best_type, "qa_constant_by_type": by_type(np.asarray(const, np.int8), records)}
 
 
 def swap_gap(right: np.ndarray, swapped: np.ndarray) -> tuple[float, float]:

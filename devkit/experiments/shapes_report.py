@@ -20,6 +20,9 @@ import time
 
 import numpy as np
 
+# the fields every row of bench/results/experiment-shapes.json has (issue 11)
+RESULT_FIELDS = ("seed", "lambda", "query", "schedule", "steps", "giou", "pointing", "oracle_giou", "qa_acc",
+                 "qa_constant", "qa_image_swapped", "n_questions", "caption_nll", "labels")
 OPTIONAL_TYPES = ("colour", "shape", "count", "relation")
 # the sweep's choice may cost at most this much val question accuracy against λ = 0
 CHOICE_QA_TOLERANCE = 0.03
@@ -46,6 +49,7 @@ def summarise(*, seed, lam, st, g_val, g_test, right, swapped, val_right, record
         "entities": g_test["entities"], "qa_se": math.sqrt(acc * (1 - acc) / max(n, 1)),
         "qa_by_type": by_type(right, records), "qa_image_swapped_by_type": by_type(swapped, records),
         "qa_text_prior": baselines["qa_text_prior"], "constant_answers": baselines["constant_answers"],
+        "qa_constant_by_type": baselines["qa_constant_by_type"],
         "swap_drop": drop, "swap_drop_se": drop_se, "blind": not drop > 2 * drop_se,
         "val_qa_acc": float(val_right.mean()) if len(val_right) else None, "n_val_questions": len(val_right),
         "final_lm_loss": hist[-1]["lm_loss"] if hist else None,
@@ -129,7 +133,8 @@ def format_results(rows: list[dict], choice: dict | None = None, wall_minutes: f
              "- caption NLL: held-out (test) negative log-likelihood per caption token.", ""]
     if rows:
         lines += [f"References: oracle gIoU {first['oracle_giou']:.3f}, uniform gIoU {first['uniform_giou']:.3f}; "
-                  f"QA constant {first['qa_constant']:.3f} (answers {json.dumps(first['constant_answers'])}), "
+                  f"QA constant {first['qa_constant']:.3f} (answers {json.dumps(first['constant_answers'])}; per type "
+                  f"{json.dumps({k: round(v, 3) for k, v in first['qa_constant_by_type'].items()})}), "
                   f"text prior {first['qa_text_prior']:.3f}; {first['n_questions']} test questions, "
                   f"{first['entities']} test entities, {first['n_val_questions']} val questions.", ""]
     head = ("| stage | seed | λ | query | schedule | gIoU | gIoU @ val layer | pointing | QA | swapped | blind | "
