@@ -60,7 +60,7 @@ class ShapesSetting:
 # tests/test_train_experiment.py: 300 steps at lr 2e-3 (at 200 steps neither arm used the image
 # yet: swapped accuracy = own accuracy), fewer held-out items.
 FULL = ShapesSetting()
-QUICK = ShapesSetting(steps=300, learning_rate=2e-3, test_questions=300, test_captions=100, val_captions=60,
+QUICK = ShapesSetting(steps=300, learning_rate=2e-3, test_questions=300, test_captions=80, val_captions=40,
                       val_questions=0)
 
 
@@ -122,15 +122,18 @@ class Examples:
 
         return build_example({"record": record, "key": record["key"]}, self.processor, self.cfg, image=image)
 
-    def pair(self, seed: int, split: str, index: int):
-        """Scene ``index`` of ``split``: (caption example, question example, question record)."""
+    def pair(self, seed: int, split: str, index: int, caption: bool = True, question: bool = True):
+        """Scene ``index`` of ``split``: (caption example, question example, question record,
+        masks); an example not asked for is None."""
         from devkit.experiments import shapes_tasks as T
 
         sc = T.scene(seed, split, index, self.st.image_size)
         objs = T.objects(sc)
         qrec = T.question_record(f"{split}{index:06d}q", sc, *T.question(objs, T.question_rng(seed, split, index)))
-        cap, q = self._build(T.caption_record(f"{split}{index:06d}", sc), sc.image), self._build(qrec, sc.image)
-        q["pixel_values"] = cap["pixel_values"]    # the same image: one tensor
+        cap = self._build(T.caption_record(f"{split}{index:06d}", sc), sc.image) if caption else None
+        q = self._build(qrec, sc.image) if question else None
+        if cap is not None and q is not None:
+            q["pixel_values"] = cap["pixel_values"]    # the same image: one tensor
         return cap, q, qrec, [o["mask"] for o in objs]
 
     def train_batch(self, seed: int, step: int, counts: Counter) -> list[dict]:
@@ -154,7 +157,7 @@ class Examples:
 
         out = EvalSet([], [], [], [])
         for i in range(max(n_captions, n_questions)):
-            cap, q, qrec, masks = self.pair(EVAL_SEED, split, i)
+            cap, q, qrec, masks = self.pair(EVAL_SEED, split, i, i < n_captions, i < n_questions)
             if i < n_captions:
                 out.captions.append(cap)
                 out.masks.append(masks)
