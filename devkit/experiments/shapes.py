@@ -233,16 +233,12 @@ def train(model, capture, data: Examples, seed: int, lam: float, st: ShapesSetti
             "train_cpu_seconds": round(time.process_time() - c0, 1)}
 
 
-_COLLATORS: dict = {}
-
-
 def data_collator(data: Examples):
     from stages.train.data import Collator
 
-    key = id(data.processor)
-    if key not in _COLLATORS:
-        _COLLATORS[key] = Collator(data.processor.tokenizer.pad_token_id, "llava")
-    return _COLLATORS[key]
+    if getattr(data, "collator", None) is None:
+        data.collator = Collator(data.processor.tokenizer.pad_token_id, "llava")
+    return data.collator
 
 
 def run_one(work: Path, seed: int, lam: float, st: ShapesSetting, sets=None, queries=None,
