@@ -113,14 +113,37 @@ def _parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("experiment", help="controlled experiments (shapes: λ=0 vs λ>0 on generated shape scenes)")
     exp_sub = exp.add_subparsers(dest="experiment_command", required=True, parser_class=_Parser)
-    shapes = exp_sub.add_parser("shapes", help="train a tiny LLaVA-architecture model from scratch with λ=0 and λ>0; "
-                                               "report grounding and question accuracy over seeds")
-    shapes.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    shapes.add_argument("--steps", type=int, default=None, help="training steps per run (default: the full setting)")
-    shapes.add_argument("--lambda", dest="lam", type=float, default=None, help="λ of the λ>0 runs")
-    shapes.add_argument("--quick", action="store_true", help="the reduced setting used by the test suite")
-    shapes.add_argument("--work", default="out/experiment-shapes", help="working folder (data, models)")
-    shapes.add_argument("--results", default="bench/results/experiment-shapes.md", help="results table (Markdown)")
+    shapes = exp_sub.add_parser("shapes", help="train a tiny LLaVA-architecture model from scratch on fresh generated "
+                                               "shape scenes with λ=0 and λ>0; report grounding, question accuracy "
+                                               "(with constant-answer and image-swapped baselines) and caption NLL")
+    shapes.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                        help="seeds; one model per seed and λ (default 0 1 2; --sweep has its own)")
+    shapes.add_argument("--lambda", dest="lams", type=float, nargs="+", default=None, metavar="λ",
+                        help="λ of the λ>0 arm(s); λ=0 always runs as the baseline (default 1.0)")
+    shapes.add_argument("--schedule", choices=["constant", "ramp"], default=None,
+                        help="λ schedule: constant from step 0, or ramp: 0 for --warmup steps, then linear to λ "
+                             "over as many steps (default constant)")
+    shapes.add_argument("--warmup", type=int, default=None, metavar="STEPS",
+                        help="ramp's warm-up steps (default: a quarter of --steps)")
+    shapes.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3; --quick 2e-3)")
+    shapes.add_argument("--steps", type=int, default=None, help="training steps per run (default 1200; --quick 300)")
+    shapes.add_argument("--batch", type=int, default=None, metavar="N",
+                        help="examples per step, even: N/2 fresh scenes, a caption and a question each (default 8)")
+    shapes.add_argument("--query", choices=["phrase", "predicting"], default=None,
+                        help="query positions of the loss and read-out: the phrase's tokens, or the positions that "
+                             "predict them (default phrase)")
+    shapes.add_argument("--layers", type=int, nargs="+", default=None, metavar="L",
+                        help="language-model layers of the loss and read-out, 0-3 (default: the middle third)")
+    shapes.add_argument("--heads", type=int, nargs="+", default=None, metavar="H",
+                        help="attention heads of the loss and read-out, 0-3 (default: all)")
+    shapes.add_argument("--quick", action="store_true",
+                        help="the reduced setting of the test suite (64 px scenes, 300 steps, fewer held-out items)")
+    shapes.add_argument("--sweep", action="store_true",
+                        help="the grid λ {0, 0.3, 1} x query x schedule on seeds 0 1, then the arm chosen on val vs "
+                             "λ=0 on seeds 2 3 4 (other flags set the shared setting)")
+    shapes.add_argument("--work", default="out/experiment-shapes", help="working folder (models)")
+    shapes.add_argument("--results", default="bench/results/experiment-shapes.md",
+                        help="results table (Markdown); the rows go to the same name with .json")
 
     # evaluate KIND ...: one sub-command per kind of evaluation
     about = ("evaluate a build or a model: judge (verdicts vs human labels), labels (groundings vs gold masks), "
@@ -351,9 +374,16 @@ def _train(args) -> int:
 
 
 def _experiment_shapes(args) -> int:
-    from devkit.experiments.shapes import run_shapes_cli
+    from devkit.experiments.shapes import run_shapes_cli, setting_from_args
 
-    return run_shapes_cli(args)
+    if args.sweep and any(v is not None for v in (args.seeds, args.lams, args.query, args.schedule)):
+        raise BadArguments("--sweep sets the seeds, λ, query and schedule of its grid; "
+                           "leave out --seeds, --lambda, --query and --schedule")
+    try:
+        st, lams = setting_from_args(args)
+    except ValueError as exc:
+        raise BadArguments(str(exc)) from None
+    return run_shapes_cli(args, st, lams)
 
 
 def _evaluate_judge(args) -> int:

@@ -1,295 +1,404 @@
-"""``lookandlearn experiment shapes``: the controlled experiment.
+"""``lookandlearn experiment shapes``: does the where-to-look loss buy grounding, and at what cost
+to understanding? A controlled instrument on generated scenes.
 
-Generated scenes of two coloured shapes with exact masks; captions naming them ("a small red
-circle above a large blue square") with entity spans and masks, and questions ("what colour is
-the square?"). The same tiny LLaVA-architecture model (CLIP-style vision tower + Llama, random
-init from the seed) is trained from scratch twice per seed, with λ = 0 and λ > 0, on the same
-data, seed and number of steps. Reported on held-out scenes: grounding (attention-mask gIoU and
-pointing accuracy of the entity phrases' attention read-out) and understanding (question
-accuracy: the first answer token's argmax under teacher forcing is the right colour word).
-Also reported, so that a shape-saliency map is not mistaken for grounding: whether each entity's
-attention puts more mass on its own shape than on the scene's other shape, and the best single
-layer's gIoU (the λ = 0 model's fairest read-out). Runs use one torch thread by default.
+The task (``shapes_tasks``): scenes of one to three coloured shapes with exact masks from the
+scene generator; captions naming every shape (the grounded entities) and one-word questions that
+need the image (colour of a named shape, shape of a named colour, count, relation). The model:
+a tiny LLaVA-architecture VLM (CLIP-style vision tower + Llama, random init from the seed),
+trained from scratch. Each step draws fresh training scenes from the ``train`` stream (``batch
+/ 2`` scenes, each giving its caption and one question), so nothing can be memorised; all runs
+of one seed see the same scenes in the same order from the same initial weights, and differ only
+in λ, its schedule and the query positions of the loss.
+
+Measured (``shapes_eval``) on held-out scenes: grounding on ``test`` captions with the read-out's
+oracle and uniform references, a single layer chosen on ``val``; question accuracy on ``test``
+questions per type, against the constant-answer baselines and the same model with the images
+swapped; held-out caption NLL. ``shapes_report`` writes the tables and the result file.
+
+Runs use one torch thread by default (tiny models; on a shared 2-core machine two OpenMP threads
+contending with other work made runs 4-7x slower).
 """
 from __future__ import annotations
 
-import json
-import platform
+import math
 import time
-from dataclasses import asdict, dataclass
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
+QUERIES = ("phrase", "predicting")
+SCHEDULES = ("constant", "ramp")
+EVAL_SEED = 0   # the held-out scenes (val and test streams) are the same for every run
 
 
-@dataclass
+@dataclass(frozen=True)
 class ShapesSetting:
-    train_scenes: int = 400
-    test_scenes: int = 60
-    steps: int = 1000
-    batch_size: int = 8
-    learning_rate: float = 2e-3
-    lam: float = 1.0
+    steps: int = 1200
+    batch_size: int = 8            # examples per step: batch / 2 fresh scenes, a caption and a question each
+    learning_rate: float = 1e-3    # peak; 20 warm-up steps, cosine decay; AdamW, no weight decay
+    clip: float = 1.0              # gradient-norm clipping of the summed loss
+    lam: float = 1.0               # λ of the λ > 0 arm (λ = 0 always runs as the baseline)
+    schedule: str = "constant"     # constant: λ from step 0; ramp: 0 for `warmup` steps, then linear over `warmup` steps
+    warmup: int | None = None      # ramp's warm-up steps (None: steps // 4)
+    query: str = "phrase"          # phrase: the phrase's tokens; predicting: the positions that predict them
+    layers: tuple[int, ...] | None = None   # loss and read-out layers (None: the middle third)
+    heads: tuple[int, ...] | None = None    # heads of the loss and read-out (None: all)
     variant: str = "kl"
-    query: str = "phrase"
-    layers: tuple[int, ...] | None = None  # None: middle third
-    image_size: int = 112
+    image_size: int = 64           # 8 x 8 image-token grid (112 px, 14 x 14: ~2.5x the step time)
     patch_size: int = 8
     hidden: int = 64
     num_layers: int = 4
+    num_heads: int = 4
+    test_questions: int = 1000     # one per test scene
+    test_captions: int = 300       # grounding and caption NLL
+    val_captions: int = 150        # layer choice
+    val_questions: int = 300       # the sweep's choice of setting
 
 
-# Steps matter most (bench/results/experiment-shapes.md): at 200 steps the λ > 0 read-out is a
-# shape-saliency map that barely tells the two shapes apart, and λ = 0 happens to sit at the
-# peak of its own transient attention-to-shapes phase; entity-specific attention (pointing,
-# own-vs-other mass) emerges between ~400 and 1000 steps.
+# FULL: 1,200 steps (~2 min of one core per training), lr 1e-3 (at 2e-3 the λ = 1 runs of the former
+# experiment sat on a colour-blind plateau, issue 11). QUICK, the reduced setting of
+# tests/test_train_experiment.py: 300 steps at lr 2e-3 (at 200 steps neither arm used the image
+# yet: swapped accuracy = own accuracy), fewer held-out items.
 FULL = ShapesSetting()
-QUICK = ShapesSetting(train_scenes=160, test_scenes=30, steps=400)
+QUICK = ShapesSetting(steps=300, learning_rate=2e-3, test_questions=300, test_captions=80, val_captions=40,
+                      val_questions=0)
+
+
+def warmup_steps(st: ShapesSetting) -> int:
+    return st.steps // 4 if st.warmup is None else st.warmup
+
+
+def lambda_at(st: ShapesSetting, lam: float, step: int) -> float:
+    """λ at ``step`` under the setting's schedule."""
+    if st.schedule == "constant" or lam == 0:
+        return lam
+    w = warmup_steps(st)
+    return lam * min(1.0, max(0.0, (step - w) / max(w, 1)))
+
+
+def validate(st: ShapesSetting, lams=()) -> None:
+    """Raise ValueError naming the setting when a value cannot work."""
+    if st.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {st.steps}")
+    if st.batch_size < 2 or st.batch_size % 2:
+        raise ValueError(f"--batch must be even and >= 2 (each scene gives a caption and a question), got {st.batch_size}")
+    if not (st.learning_rate > 0 and math.isfinite(st.learning_rate)):
+        raise ValueError(f"--lr must be > 0, got {st.learning_rate}")
+    for lam in (st.lam, *lams):
+        if not (lam >= 0 and math.isfinite(lam)):
+            raise ValueError(f"--lambda must be >= 0, got {lam}")
+    if st.schedule not in SCHEDULES:
+        raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {st.schedule!r}")
+    if st.warmup is not None and not 0 <= st.warmup < st.steps:
+        raise ValueError(f"--warmup must be >= 0 and < --steps ({st.steps}), got {st.warmup}")
+    if st.query not in QUERIES:
+        raise ValueError(f"--query must be one of {', '.join(QUERIES)}, got {st.query!r}")
+    for name, values, n in (("--layers", st.layers, st.num_layers), ("--heads", st.heads, st.num_heads)):
+        if values is not None and (not values or len(set(values)) != len(values) or
+                                   any(not 0 <= v < n for v in values)):
+            raise ValueError(f"{name} must be distinct values in 0..{n - 1}, got {list(values)}")
 
 
 def model_folder(work: Path, seed: int, st: ShapesSetting) -> Path:
-    """The tiny model's folder, named by its architecture: ``write_tiny_vlm`` reuses a complete
-    folder as is, so a folder named only by seed would silently keep an earlier grid size."""
+    """The tiny model's folder, named by its architecture (``write_tiny_vlm`` reuses a complete
+    folder as is)."""
     return work / f"model-seed{seed}-{st.image_size}px-p{st.patch_size}-h{st.hidden}-l{st.num_layers}"
 
 
-def _examples(work: Path, processor, seed: int, n: int, tag: str, with_questions: bool, query: str = "phrase"):
-    from devkit.experiments.shapes_scenes import scene_record, scenes, write_shard
-    from stages.train.data import DataConfig, build_example, iter_shard_samples
+class Examples:
+    """Training and held-out examples of the task for one model architecture."""
 
-    rng = np.random.default_rng(seed + 1000)
-    items, masks = [], []
-    for i, sc in enumerate(scenes(n, seed=seed, split="train" if tag == "train" else "test")):
-        items.append(scene_record(f"{tag}{i:05d}", sc))
-        masks.append([o["mask"] for o in sc["objects"]])
-        if with_questions:
-            q = int(rng.integers(2))
-            items.append(scene_record(f"{tag}{i:05d}q", sc, question=q))
-    shard = write_shard(work / f"{tag}-seed{seed}" / "shards" / "shapes-000000.tar", items)
-    cfg = DataConfig("llava", query=query)
-    caps, qs = [], []
-    for sample in iter_shard_samples([shard]):
-        ex = build_example(sample, processor, cfg)
-        (qs if "question" in sample["record"] else caps).append((ex, sample["record"]))
-    return caps, qs, masks
+    def __init__(self, processor, st: ShapesSetting):
+        from stages.train.data import DataConfig
+
+        self.processor, self.st = processor, st
+        self.cfg = DataConfig("llava", query="phrase")   # predicting positions: shapes_eval.with_queries
+        # the training batches of one seed, kept for the next run of that seed (same scenes, built
+        # once: ~1/3 of a step's time); FULL: ~0.7 GB for 1,200 steps
+        self._cache: dict[tuple[int, int], tuple[list[dict], list[dict]]] = {}
+
+    def _build(self, record: dict, image):
+        from stages.train.data import build_example
+
+        return build_example({"record": record, "key": record["key"]}, self.processor, self.cfg, image=image)
+
+    def pair(self, seed: int, split: str, index: int, caption: bool = True, question: bool = True):
+        """Scene ``index`` of ``split``: (caption example, question example, question record,
+        masks); an example not asked for is None."""
+        from devkit.experiments import shapes_tasks as T
+
+        sc = T.scene(seed, split, index, self.st.image_size)
+        objs = T.objects(sc)
+        qrec = T.question_record(f"{split}{index:06d}q", sc, *T.question(objs, T.question_rng(seed, split, index)))
+        cap = self._build(T.caption_record(f"{split}{index:06d}", sc), sc.image) if caption else None
+        q = self._build(qrec, sc.image) if question else None
+        if cap is not None and q is not None:
+            q["pixel_values"] = cap["pixel_values"]    # the same image: one tensor
+        return cap, q, qrec, [o["mask"] for o in objs]
+
+    def train_batch(self, seed: int, step: int, counts: Counter) -> list[dict]:
+        """The fresh scenes of one training step (captions first, then questions); ``counts``
+        gathers the answers seen per (type, question text)."""
+        if (seed, step) not in self._cache:
+            if any(k[0] != seed for k in self._cache):
+                self._cache.clear()
+            half = self.st.batch_size // 2
+            pairs = [self.pair(seed, "train", step * half + k) for k in range(half)]
+            caps = [{k: v for k, v in cap.items() if k != "geometry"} for cap, _, _, _ in pairs]
+            qs = [{k: v for k, v in q.items() if k != "geometry"} for _, q, _, _ in pairs]
+            self._cache[(seed, step)] = (caps + qs, [qrec["question"] for _, _, qrec, _ in pairs])
+        examples, questions = self._cache[(seed, step)]
+        for info in questions:
+            counts[(info["type"], info["text"])][info["answer"]] += 1
+        return examples
+
+    def held_out(self, split: str, n_captions: int, n_questions: int):
+        from devkit.experiments.shapes_eval import EvalSet
+
+        out = EvalSet([], [], [], [])
+        for i in range(max(n_captions, n_questions)):
+            cap, q, qrec, masks = self.pair(EVAL_SEED, split, i, i < n_captions, i < n_questions)
+            if i < n_captions:
+                out.captions.append(cap)
+                out.masks.append(masks)
+            if i < n_questions:
+                out.questions.append(q)
+                out.records.append(qrec)
+        return out
 
 
-def _question_accuracy(model, processor, qs, collator, batch_size=16) -> float:
+def _model(work: Path, seed: int, st: ShapesSetting):
     import torch
-
-    from stages.train.data import WTL_KEYS
-
-    right = total = 0
-    tok = processor.tokenizer
-    with torch.no_grad():
-        for s in range(0, len(qs), batch_size):
-            chunk = qs[s: s + batch_size]
-            batch = collator([ex for ex, _ in chunk])
-            for k in WTL_KEYS:
-                batch.pop(k)
-            labels = batch.pop("labels")
-            logits = model(**batch).logits
-            for b, (ex, rec) in enumerate(chunk):
-                pos = (labels[b] >= 0).nonzero().flatten()[0]  # first answer token
-                pred = logits[b, pos - 1].argmax().item()
-                right += int(pred == tok.convert_tokens_to_ids(rec["question"]["answer"]))
-                total += 1
-    return right / max(total, 1)
-
-
-def _specificity(model, capture, examples, collator, batch_size: int = 8) -> dict:
-    """Is the read-out about *this* entity or just about shapes? For scenes with two entities:
-    mean attention mass (token grid) on the entity's own mask and on the other shape's mask, and
-    the share of entities with more mass on their own shape than on the other one (0.5 = a
-    saliency map that does not tell the two shapes apart)."""
-    from stages.train.readout import entity_heatmaps
-
-    own, other = [], []
-    for s in range(0, len(examples), batch_size):
-        chunk = examples[s: s + batch_size]
-        for ex, heats in zip(chunk, entity_heatmaps(model, capture, chunk, collator)):
-            if len(heats) != 2:
-                continue
-            for j, grid in enumerate(heats):
-                g = grid.reshape(-1) / max(float(grid.sum()), 1e-12)
-                own.append(float((g * ex["entities"][j]["target"].numpy()).sum()))
-                other.append(float((g * ex["entities"][1 - j]["target"].numpy()).sum()))
-    own_a, other_a = np.array(own), np.array(other)
-    return {"mass_own": float(own_a.mean()) if own else float("nan"),
-            "mass_other": float(other_a.mean()) if own else float("nan"),
-            "own_gt_other": float((own_a > other_a).mean()) if own else float("nan")}
-
-
-def run_one(work: Path, seed: int, lam: float, st: ShapesSetting, data=None) -> dict:
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArguments
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from devkit.tiny_vlms import write_tiny_vlm
-    from stages.train.attention import AttentionCapture
-    from stages.train.data import Collator
-    from stages.train.readout import score_split
-    from stages.train.trainer import WTLTrainer
 
     folder = write_tiny_vlm(model_folder(work, seed, st), "llava", image_size=st.image_size,
-                            patch_size=st.patch_size, hidden_size=st.hidden, num_layers=st.num_layers, seed=seed)
-    processor = AutoProcessor.from_pretrained(str(folder))
-    if data is None:
-        data = load_data(work, processor, seed, st)
-    train_caps, train_qs, test_caps, test_qs, test_masks = data
+                            patch_size=st.patch_size, hidden_size=st.hidden, num_layers=st.num_layers,
+                            num_heads=st.num_heads, seed=seed)
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype=torch.float32)
-    capture = AttentionCapture.attach(model, layers=st.layers)
-    collator = Collator(processor.tokenizer.pad_token_id, "llava")
-    train = [ex for ex, _ in train_caps] + [ex for ex, _ in train_qs]
-    train_set = [{k: v for k, v in ex.items() if k != "geometry"} for ex in train]
-    args = TrainingArguments(output_dir=str(work / f"run-seed{seed}-lam{lam}"), max_steps=st.steps,
-                             per_device_train_batch_size=st.batch_size, learning_rate=st.learning_rate,
-                             warmup_steps=min(20, st.steps // 10), lr_scheduler_type="cosine",
-                             logging_steps=max(1, st.steps // 10),
-                             save_strategy="no", seed=seed, data_seed=seed, report_to="none",
-                             remove_unused_columns=False, use_cpu=True, dataloader_num_workers=0,
-                             disable_tqdm=True)
-    trainer = WTLTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator, capture=capture,
-                         wtl_lambda=lam, wtl_variant=st.variant)
-    t0 = time.time()
-    trainer.train()
-    seconds = time.time() - t0
-    model.eval()
-    test_ex = [ex for ex, _ in test_caps]
-    grounding = score_split(model, capture, test_ex, test_masks, collator)
-    specific = _specificity(model, capture, test_ex, collator)
-    # the same read-out from each single layer: the λ = 0 model's best layer is the fairest
-    # baseline (its grounding, if any, need not sit in the layers the loss supervises)
-    trained_layers = list(capture.layers)
-    per_layer = {}
-    for layer in range(st.num_layers):
-        capture.layers = [layer]
-        per_layer[layer] = score_split(model, capture, test_ex, test_masks, collator)["giou"]
-    capture.layers = trained_layers
-    accuracy = _question_accuracy(model, processor, test_qs, collator)
-    logs = [h for h in trainer.state.log_history if "lm_loss" in h]
-    return {"seed": seed, "lambda": lam, "giou": grounding["giou"], "ciou": grounding["ciou"],
-            "pointing": grounding["pointing"], "question_acc": accuracy, **specific,
-            "giou_per_layer": per_layer, "best_layer_giou": max(per_layer.values()),
-            "entities": grounding["entities"],
-            "questions": len(test_qs), "final_lm_loss": logs[-1]["lm_loss"] if logs else None,
-            "final_wtl_loss": logs[-1]["wtl_loss"] if logs else None,
-            "final_train_iou": logs[-1].get("wtl_iou") if logs else None,
-            "torch_threads": torch.get_num_threads(), "train_seconds": round(seconds, 1),
-            "layers": capture.layers,
-            "history": [{k: h.get(k) for k in ("step", "lm_loss", "wtl_loss", "wtl_iou")} for h in logs]}
+    return AutoModelForImageTextToText.from_pretrained(str(folder), dtype=torch.float32), \
+        AutoProcessor.from_pretrained(str(folder))
 
 
-def load_data(work: Path, processor, seed: int, st: ShapesSetting):
-    train_caps, train_qs, _ = _examples(work, processor, seed, st.train_scenes, "train", True, st.query)
-    test_caps, test_qs, test_masks = _examples(work, processor, seed, st.test_scenes, "test", True, st.query)
-    return train_caps, train_qs, test_caps, test_qs, test_masks
-
-
-def run_shapes(work: str | Path, seeds=(0, 1, 2), st: ShapesSetting = FULL, threads: int | None = 1) -> list[dict]:
-    """λ = 0 and λ = st.lam per seed. ``threads``: torch intra-op threads during the runs (1 by
-    default: these models are far too small to gain from more, and on a shared 2-core machine two
-    OpenMP threads contending with other processes made the same run 4-7x slower: 31 s -> ~140 s
-    per 400-step run, measured; None leaves torch's setting)."""
+def train(model, capture, data: Examples, seed: int, lam: float, st: ShapesSetting, query: str) -> dict:
+    """``st.steps`` AdamW steps on fresh scenes with ``loss = L_lm + λ_t · L_wtl``."""
     import torch
 
-    work = Path(work)
+    from devkit.experiments.shapes_eval import _model_batch, with_queries
+    from stages.train.loss import wtl_loss
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=st.learning_rate, weight_decay=0.0)
+    warm = min(20, st.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
+                                              0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, st.steps - warm))))
+    counts: defaultdict = defaultdict(Counter)
+    history, window = [], {"lm_loss": [], "wtl_loss": [], "grad_norm": []}
+    every = max(1, st.steps // 20)
+    model.train()
+    t0, c0 = time.time(), time.process_time()
+    for step in range(st.steps):
+        examples = with_queries(data.train_batch(seed, step, counts), query)
+        batch, wtl, labels = _model_batch(data_collator(data), examples)
+        lam_t = lambda_at(st, lam, step)
+        logged = (step + 1) % every == 0 or step + 1 == st.steps
+        # at λ_t = 0 the attention rows are captured only on logging steps (the loss is logged, not trained)
+        capture.activate()
+        capture.set_queries(wtl["wtl_q_index"] if wtl["wtl_ent_sample"].numel() and (lam_t > 0 or logged) else None)
+        lm = model(**batch, labels=labels).loss
+        if capture.rows and lam_t > 0:
+            lw = wtl_loss(capture.rows, wtl, st.variant)
+            loss = lm + lam_t * lw
+        else:
+            with torch.no_grad():
+                lw = wtl_loss(capture.rows, wtl, st.variant) if capture.rows else None
+            loss = lm
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, st.clip)
+        opt.step()
+        sched.step()
+        window["lm_loss"].append(float(lm.detach()))
+        if lw is not None:
+            window["wtl_loss"].append(float(lw.detach()))
+        window["grad_norm"].append(float(norm))
+        if logged:
+            history.append({"step": step + 1, "lambda": lam_t,
+                            **{k: round(sum(v) / len(v), 5) if v else None for k, v in window.items()}})
+            window = {k: [] for k in window}
+    capture.set_queries(None)
+    model.eval()
+    return {"history": history, "answer_counts": dict(counts), "train_seconds": round(time.time() - t0, 1),
+            "train_cpu_seconds": round(time.process_time() - c0, 1)}
+
+
+def data_collator(data: Examples):
+    from stages.train.data import Collator
+
+    if getattr(data, "collator", None) is None:
+        data.collator = Collator(data.processor.tokenizer.pad_token_id, "llava")
+    return data.collator
+
+
+def run_one(work: Path, seed: int, lam: float, st: ShapesSetting, sets=None, queries=None,
+            data: Examples | None = None) -> list[dict]:
+    """Train one model (seed, λ, the setting's schedule and query) and measure it; one row per
+    read-out query position in ``queries`` (default: the setting's; a λ = 0 model does not depend
+    on the query positions, so the sweep reads it out at both)."""
+    import torch
+
+    from devkit.experiments import shapes_eval as E
+    from devkit.experiments.shapes_report import summarise
+    from stages.train.attention import AttentionCapture
+
+    model, processor = _model(work, seed, st)
+    data = data or Examples(processor, st)     # the processor is the same for every seed
+    if sets is None:
+        sets = held_out_sets(data, st)
+    val, test = sets
+    capture = AttentionCapture.attach(model, layers=st.layers, heads=st.heads)
+    trained = train(model, capture, data, seed, lam, st, st.query)
+    t0 = time.time()
+    collator, tok = data_collator(data), data.processor.tokenizer
+    capture.set_queries(None)
+    right = E.answers(model, tok, test.questions, test.records, collator)
+    swapped = E.answers(model, tok, test.questions, test.records, collator, swap=True)
+    val_right = E.answers(model, tok, val.questions, val.records, collator)
+    base = E.constant_baselines(trained.pop("answer_counts"), test.records)
+    rows = []
+    for query in queries or (st.query,):
+        g_val = E.grounding(model, capture, E.with_queries(val.captions, query), val.masks, collator, st.num_layers)
+        g_test = E.grounding(model, capture, E.with_queries(test.captions, query), test.masks, collator,
+                             st.num_layers, references=True)
+        rows.append(summarise(seed=seed, lam=lam, st=replace(st, query=query), g_val=g_val, g_test=g_test,
+                              right=right, swapped=swapped, val_right=val_right, records=test.records,
+                              baselines=base, trained=trained, layers=list(capture.layers),
+                              eval_seconds=round(time.time() - t0, 1), threads=torch.get_num_threads()))
+    return rows
+
+
+def held_out_sets(data: Examples, st: ShapesSetting):
+    """(val, test) examples: the same scenes for every run of one architecture."""
+    return (data.held_out("val", st.val_captions, st.val_questions),
+            data.held_out("test", st.test_captions, st.test_questions))
+
+
+def _threads(fn, threads: int | None):
+    import torch
+
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run_shapes(work, seeds, st)
+        return fn()
     finally:
         torch.set_num_threads(before)
 
 
-def _run_shapes(work: Path, seeds, st: ShapesSetting) -> list[dict]:
-    rows = []
-    for seed in seeds:
-        data = None
-        for lam in (0.0, st.lam):
-            if data is None:
-                from transformers import AutoProcessor
+def run_shapes(work: str | Path, seeds=(0, 1, 2), st: ShapesSetting = FULL, lams=None,
+               threads: int | None = 1) -> list[dict]:
+    """λ = 0 and each λ of ``lams`` (default: the setting's) per seed, same scenes and initial
+    weights; rows as ``shapes_report.summarise`` writes them."""
+    work = Path(work)
+    lams = tuple(lams) if lams else (st.lam,)
+    validate(st, lams)
 
-                from devkit.tiny_vlms import write_tiny_vlm
+    def go():
+        rows, data, sets = [], None, None
+        for seed in seeds:
+            for lam in (0.0, *[v for v in lams if v != 0]):
+                if data is None:
+                    data = Examples(_model(work, seed, st)[1], st)
+                    sets = held_out_sets(data, st)
+                arm = replace(st, lam=lam, schedule=st.schedule if lam else "constant")   # λ = 0: no schedule
+                rows += run_one(work, seed, lam, arm, sets, data=data)
+        return rows
 
-                folder = write_tiny_vlm(model_folder(work, seed, st), "llava", image_size=st.image_size,
-                                        patch_size=st.patch_size, hidden_size=st.hidden, num_layers=st.num_layers,
-                                        seed=seed)
-                data = load_data(work, AutoProcessor.from_pretrained(str(folder)), seed, st)
-            rows.append(run_one(work, seed, lam, st, data))
+    return _threads(go, threads)
+
+
+# The sweep: every λ > 0 arm of the grid on GRID_SEEDS (λ = 0 once per seed, read out at both
+# query positions), then the arm chosen on the val split against λ = 0 on FINAL_SEEDS.
+GRID_LAMBDAS = (0.3, 1.0)
+GRID_SEEDS = (0, 1)
+FINAL_SEEDS = (2, 3, 4)
+
+
+def run_sweep(work: str | Path, st: ShapesSetting = FULL, threads: int | None = 1, log=print) -> tuple[list[dict], dict]:
+    """The grid (λ x query x schedule x seed), the choice, the final comparison: (rows, choice)."""
+    from devkit.experiments.shapes_report import choose
+
+    work = Path(work)
+    validate(st, GRID_LAMBDAS)
+
+    def go():
+        data = Examples(_model(work, GRID_SEEDS[0], st)[1], st)
+        sets, rows = held_out_sets(data, st), []
+        for seed in GRID_SEEDS:
+            base = replace(st, lam=0.0, schedule="constant")
+            rows += _tag(run_one(work, seed, 0.0, base, sets, QUERIES, data), "grid")
+            log(f"seed {seed} λ=0 done")
+            for lam in GRID_LAMBDAS:
+                for query in QUERIES:
+                    for schedule in SCHEDULES:
+                        arm = replace(st, lam=lam, query=query, schedule=schedule)
+                        rows += _tag(run_one(work, seed, lam, arm, sets, data=data), "grid")
+                        log(f"seed {seed} λ={lam} {query} {schedule} done")
+        choice = choose(rows)
+        best = replace(st, lam=choice["lambda"], query=choice["query"], schedule=choice["schedule"])
+        for seed in FINAL_SEEDS:
+            rows += _tag(run_one(work, seed, 0.0, replace(best, lam=0.0, schedule="constant"), sets, data=data), "final")
+            rows += _tag(run_one(work, seed, best.lam, best, sets, data=data), "final")
+            log(f"final seed {seed} done")
+        return rows, choice
+
+    return _threads(go, threads)
+
+
+def _tag(rows: list[dict], stage: str) -> list[dict]:
+    for r in rows:
+        r["stage"] = stage
     return rows
 
 
-def machine(threads: int | None = None) -> str:
-    """CPU model, cores, torch threads (``threads``: the runs' setting) and versions."""
-    import os
-
-    import torch
-
-    from pipeline.machine import cpu_name
-
-    return (f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores (shared with other work), torch "
-            f"{torch.__version__} with {threads or torch.get_num_threads()} intra-op thread(s), "
-            f"{platform.python_implementation()} {platform.python_version()}, {platform.system()}")
-
-
-def format_results(rows: list[dict], st: ShapesSetting) -> str:
-    def cell(v, fmt=".3f"):
-        return "–" if v is None else format(v, fmt)
-
-    lines = ["# Shapes experiment: where-to-look loss λ = 0 vs λ > 0", "",
-             f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `lookandlearn experiment shapes`.", "",
-             f"Machine: {machine(rows[0].get('torch_threads') if rows else None)}.", "",
-             f"Setting: `{json.dumps(asdict(st))}` (layers null = the middle third of the language model).", "",
-             "Tiny LLaVA-architecture model (CLIP-style ViT + Llama, RANDOM init per seed, trained from scratch on "
-             "generated scenes; not a result about real VLMs). Both runs of a seed share data, initial weights, "
-             "data order and steps; only λ differs. All metrics on held-out scenes except train IoU.", "",
-             "- gIoU / cIoU: attention read-out of the entity phrase tokens (capture layers, heads averaged) mapped "
-             "to pixels through the inverse image geometry, thresholded at 0.5 × max, vs the exact shape mask.",
-             "- best-layer gIoU: the same read-out from the single best language-model layer (gives the λ = 0 "
-             "model its best chance: its attention need not sit in the supervised layers).",
-             "- pointing: the centre of the max-attention token cell lies inside the entity's mask.",
-             "- own > other: share of entities whose attention mass on their own shape exceeds the mass on the "
-             "scene's other shape (0.5 = a shape-saliency map that does not tell the two apart).",
-             "- question acc: teacher-forced first answer token of \"what colour is the SHAPE?\" is the right "
-             "colour word (4 colours; 0.5 = guessing between the scene's two colours).",
-             "- train IoU: token-grid IoU of the read-out on the training batches (mean over the last logging "
-             "window).", "",
-             "| seed | λ | gIoU | cIoU | best-layer gIoU | pointing | own > other | question acc | train IoU | "
-             "final LM loss | final WTL loss | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['seed']} | {r['lambda']} | {r['giou']:.3f} | {r['ciou']:.3f} | "
-                     f"{r['best_layer_giou']:.3f} | {r['pointing']:.3f} | {r['own_gt_other']:.3f} | "
-                     f"{r['question_acc']:.3f} | {cell(r.get('final_train_iou'))} | {cell(r['final_lm_loss'])} | "
-                     f"{cell(r['final_wtl_loss'])} | {r['train_seconds']} |")
-    keys = ("giou", "best_layer_giou", "pointing", "own_gt_other", "question_acc")
-    lines += ["", f"Mean ± sd over {len({r['seed'] for r in rows})} seed(s):", "",
-              "| λ | gIoU | best-layer gIoU | pointing | own > other | question acc |", "|---|---|---|---|---|---|"]
-    for lam in sorted({r["lambda"] for r in rows}):
-        sel = [r for r in rows if r["lambda"] == lam]
-        lines.append(f"| {lam} | " + " | ".join(
-            f"{np.mean([r[k] for r in sel]):.3f} ± {np.std([r[k] for r in sel]):.3f}" for k in keys) + " |")
-    return "\n".join(lines) + "\n"
+def setting_from_args(args) -> tuple[ShapesSetting, tuple[float, ...]]:
+    """The setting and the λ > 0 values the CLI asks for (ValueError on a bad value)."""
+    st = QUICK if args.quick else FULL
+    over = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch), ("learning_rate", args.lr),
+                              ("schedule", args.schedule), ("warmup", args.warmup), ("query", args.query),
+                              ("layers", tuple(args.layers) if args.layers else None),
+                              ("heads", tuple(args.heads) if args.heads else None)) if v is not None}
+    lams = tuple(args.lams) if args.lams else (st.lam,)
+    st = replace(st, **over, lam=lams[0])
+    validate(st, lams)
+    if args.seeds is not None and (len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0):
+        raise ValueError(f"--seeds must be distinct values >= 0, got {args.seeds}")
+    return st, lams
 
 
-def run_shapes_cli(args) -> int:
+def run_shapes_cli(args, st: ShapesSetting, lams: tuple[float, ...]) -> int:
+    import json
+
+    from devkit.experiments.shapes_report import format_results
     from stages.extras import require
 
-    require("lookandlearn experiment shapes", "accelerate", "skimage")  # the HF Trainer, the read-out
-    st = QUICK if args.quick else FULL
-    if args.steps:
-        st = ShapesSetting(**{**asdict(st), "steps": args.steps})
-    if args.lam is not None:
-        st = ShapesSetting(**{**asdict(st), "lam": args.lam})
+    require("lookandlearn experiment shapes", "skimage")  # the read-out's thresholds
     t0 = time.time()
-    rows = run_shapes(args.work, args.seeds, st)
-    text = format_results(rows, st) + f"\nTotal wall time (data, {2 * len(args.seeds)} runs, evaluation): " \
-        f"{(time.time() - t0) / 60:.1f} min.\n"
+    if args.sweep:
+        rows, choice = run_sweep(args.work, st)
+    else:
+        rows, choice = run_shapes(args.work, args.seeds if args.seeds is not None else (0, 1, 2), st, lams), None
+    text = format_results(rows, choice=choice, wall_minutes=(time.time() - t0) / 60)
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    (out.with_suffix(".json")).write_text(json.dumps({"setting": asdict(st), "rows": rows}, indent=2))
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     print(text)
     return 0
+
+
+def setting_dict(st: ShapesSetting) -> dict:
+    d = asdict(st)
+    d["warmup"] = warmup_steps(st)
+    return d

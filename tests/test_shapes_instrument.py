@@ -1,0 +1,142 @@
+"""The shapes instrument's cheap parts: questions and captions agree with the scene generator's
+truth, the λ schedule, the baselines and blind flag, the result rows' fields and the CLI's
+rejection of bad settings (exit 2). The training run itself: tests/test_train_experiment.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from devkit.experiments import shapes_tasks as T
+
+
+
+def _centre(inst):
+    x0, y0, x1, y1 = inst.box
+    return (x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_questions_answer_what_the_scene_holds(split):
+    from devkit.tiny_vlms import build_tokenizer
+
+    vocab = build_tokenizer("llava").get_vocab()
+    seen = {t: set() for t in T.QUESTION_TYPES}
+    for i in range(40):
+        sc = T.scene(0, split, i, size=64)
+        objs = T.objects(sc)
+        assert 1 <= len(sc.instances) <= 3
+        rng = np.random.default_rng(i)
+        for qtype in T.QUESTION_TYPES:
+            if qtype == "relation" and len(objs) < 2:
+                with pytest.raises(ValueError):
+                    T.ask(objs, qtype, rng)
+                continue
+            text, answer = T.ask(objs, qtype, rng)
+            seen[qtype].add(answer)
+            assert answer in T.ANSWERS[qtype] and answer in vocab and answer not in text.split()
+            words = text.rstrip("?").split()
+            if qtype == "colour":   # the named shape's colour
+                (inst,) = [x for x in sc.instances if x.shape == words[-1]]
+                assert inst.colour == answer
+            elif qtype == "shape":  # the named colour's shape
+                (inst,) = [x for x in sc.instances if x.colour == words[-2]]
+                assert inst.shape == answer
+            elif qtype == "count":
+                assert T.COUNT_WORDS[len(sc.instances)] == answer
+            else:                   # where the first named shape is relative to the second
+                (a,) = [x for x in sc.instances if x.shape == words[3]]
+                (b,) = [x for x in sc.instances if x.shape == words[-1]]
+                (ax, ay), (bx, by) = _centre(a), _centre(b)
+                expect = ("above" if ay < by else "below") if abs(ay - by) >= abs(ax - bx) else \
+                    ("left" if ax < bx else "right")
+                assert expect == answer
+    assert all(len(v) >= 2 for v in seen.values()), seen   # the answers vary with the scene
+
+
+def test_caption_entities_are_the_shapes_with_their_masks():
+    from stages.record import rle
+
+    for i in range(20):
+        sc = T.scene(1, "val", i, size=64)
+        rec = T.caption_record(f"k{i}", sc)
+        text = rec["text"]["caption"]
+        assert len(rec["entities"]) == len(sc.instances)
+        for ent, inst in zip(rec["entities"], sc.instances):
+            assert text[ent["start"]: ent["end"]] == ent["phrase"] == T.phrase(T.objects(sc)[inst.id])
+            (region,) = [r for r in rec["regions"] if r["id"] in ent["regions"]]
+            assert (rle.decode(region["mask_rle"]) == inst.mask).all()
+        qtype, qtext, answer = T.question(T.objects(sc), T.question_rng(1, "val", i))
+        q = T.question_record(f"k{i}q", sc, qtype, qtext, answer)
+        assert q["text"]["conversations"][1]["value"] == answer and q["question"]["type"] == qtype
+    # deterministic by (seed, split, index); splits differ
+    assert T.question(T.objects(T.scene(0, "train", 3)), T.question_rng(0, "train", 3)) == \
+        T.question(T.objects(T.scene(0, "train", 3)), T.question_rng(0, "train", 3))
+    assert not np.array_equal(T.scene(0, "train", 0).image, T.scene(0, "test", 0).image)
+
+
+def test_lambda_schedule():
+    from devkit.experiments.shapes import ShapesSetting, lambda_at
+
+    const = ShapesSetting(steps=100)
+    assert [lambda_at(const, 0.5, s) for s in (0, 50, 99)] == [0.5, 0.5, 0.5]
+    ramp = ShapesSetting(steps=100, schedule="ramp", warmup=20)
+    assert [lambda_at(ramp, 1.0, s) for s in (0, 20, 30, 40, 99)] == [0.0, 0.0, 0.5, 1.0, 1.0]
+    assert lambda_at(ShapesSetting(steps=100, schedule="ramp"), 1.0, 24) == 0.0   # default warm-up: steps // 4
+
+
+def test_baselines_blind_flag_and_result_fields():
+    from collections import Counter
+
+    from devkit.experiments.shapes import QUICK
+    from devkit.experiments.shapes_eval import constant_baselines
+    from devkit.experiments.shapes_report import RESULT_FIELDS, choose, format_results, summarise
+
+    recs = [{"question": {"type": t, "text": q, "answer": a}} for t, q, a in
+            [("colour", "what colour is the circle?", "red"), ("colour", "what colour is the square?", "blue"),
+             ("count", "how many shapes are there?", "two"), ("count", "how many shapes are there?", "one")]]
+    counts = {("colour", "what colour is the circle?"): Counter(red=3, blue=1),
+              ("colour", "what colour is the square?"): Counter(blue=3),
+              ("count", "how many shapes are there?"): Counter(two=5, one=4)}
+    base = constant_baselines(counts, recs)
+    assert base["constant_answers"] == {"colour": "blue", "count": "two"}
+    assert base["qa_constant"] == 0.5 and base["qa_text_prior"] == 0.75
+
+    n = 400
+    right = (np.arange(n) % 4 != 0).astype(np.int8)                 # 0.75
+    g = {"giou": 0.5, "pointing": 0.8, "giou_per_layer": {0: 0.2, 1: 0.6}, "caption_nll": 0.4, "entities": 9,
+         "oracle_giou": 0.7, "uniform_giou": 0.1}
+    records = [{"question": {"type": "colour" if i % 2 else "count"}} for i in range(n)]
+    trained = {"history": [{"step": 1, "lm_loss": 1.0, "wtl_loss": 2.0}], "train_seconds": 1.0,
+               "train_cpu_seconds": 1.0}
+    kw = dict(seed=0, st=QUICK, g_val=g, g_test={**g, "giou_per_layer": {0: 0.3, 1: 0.55}}, val_right=right,
+              records=records, baselines=base, trained=trained, layers=[1, 2], eval_seconds=1.0, threads=1)
+    seeing = summarise(lam=1.0, right=right, swapped=(np.arange(n) % 4 == 1).astype(np.int8), **kw)
+    blind = summarise(lam=0.0, right=right, swapped=np.roll(right, 3), **kw)
+    assert set(RESULT_FIELDS) <= set(seeing) and seeing["labels"] == "exact" and seeing["n_questions"] == n
+    assert not seeing["blind"] and blind["blind"]
+    assert seeing["val_layer"] == 1 and seeing["giou_val_layer"] == 0.55    # chosen on val, scored on test
+    seeing["stage"] = blind["stage"] = "grid"
+    assert choose([seeing, blind])["lambda"] == 1.0
+    text = format_results([blind, seeing], choice=choose([seeing, blind]), wall_minutes=1.0)
+    assert "BLIND" in text and "oracle gIoU 0.700" in text and "QA constant 0.500" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps"), (["--batch", "3"], "--batch"), (["--lr", "0"], "--lr"),
+    (["--lambda", "-1"], "--lambda"), (["--layers", "4"], "--layers"), (["--heads", "1", "1"], "--heads"),
+    (["--schedule", "ramp", "--warmup", "300"], "--warmup"), (["--seeds", "2", "2"], "--seeds"),
+    (["--sweep", "--query", "phrase"], "--sweep"), (["--query", "middle"], "--query"),
+    (["--schedule", "cosine"], "--schedule")])
+def test_cli_rejects_bad_settings(argv, message, capsys, tmp_path):
+    from pipeline.cli import main
+
+    rc = _exit_code(main, ["experiment", "shapes", "--quick", "--work", str(tmp_path), *argv])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def _exit_code(main, argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:   # argparse's own rejections
+        return int(exc.code)
