@@ -198,7 +198,11 @@ def train(model, capture, data: Examples, seed: int, lam: float, st: ShapesSetti
     every = max(1, st.steps // 20)
     model.train()
     t0, c0 = time.time(), time.process_time()
-    for step in range(st.steps):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(st.steps), desc=f"seed {seed} λ={lam:g} {query} {st.schedule}", unit="step", leave=False,
+               mininterval=2.0)
+    for step in bar:
         examples = with_queries(data.train_batch(seed, step, counts), query)
         batch, wtl, labels = _model_batch(data_collator(data), examples)
         lam_t = lambda_at(st, lam, step)
@@ -226,6 +230,7 @@ def train(model, capture, data: Examples, seed: int, lam: float, st: ShapesSetti
         if logged:
             history.append({"step": step + 1, "lambda": lam_t,
                             **{k: round(sum(v) / len(v), 5) if v else None for k, v in window.items()}})
+            bar.set_postfix(lm=history[-1]["lm_loss"], wtl=history[-1]["wtl_loss"], refresh=False)
             window = {k: [] for k in window}
     capture.set_queries(None)
     model.eval()
@@ -325,7 +330,11 @@ GRID_SEEDS = (0, 1)
 FINAL_SEEDS = (2, 3, 4)
 
 
-def run_sweep(work: str | Path, st: ShapesSetting = FULL, threads: int | None = 1, log=print) -> tuple[list[dict], dict]:
+def _say(text: str) -> None:
+    print(text, flush=True)   # a 45-minute run: each line as it happens, also into a log file
+
+
+def run_sweep(work: str | Path, st: ShapesSetting = FULL, threads: int | None = 1, log=_say) -> tuple[list[dict], dict]:
     """The grid (λ x query x schedule x seed), the choice, the final comparison: (rows, choice)."""
     from devkit.experiments.shapes_report import choose
 
