@@ -32,6 +32,7 @@ import json
 import math
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -199,6 +200,18 @@ def _load_average() -> list[float] | None:
         return None
 
 
+@contextmanager
+def _threads(n: int | None):
+    """torch threads for a block, restored after (see SamRecipe.threads for why one)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _cluster_se(values: list[list[float]]) -> float:
     """Standard error of the mean of all values, clustered by scene (values of one scene are not
     independent): sqrt(sum over scenes of (sum of residuals)^2) / n."""
@@ -298,10 +311,10 @@ def _sam_scores(stage, n_scenes: int, seed: int, split: str, progress: bool = Fa
 
 
 def evaluate_sam(folder: str | Path, n_scenes: int = 100, seed: int = TEST_SEED, split: str = "test",
-                 progress: bool = False, stage=None) -> dict:
+                 progress: bool = False, stage=None, threads: int | None = 1) -> dict:
     """Mean mask IoU from the true instance boxes on held-out scenes (default scene config):
     the mask SegmentStage gives for ``instance.box`` against the instance's visible mask."""
-    with torch.inference_mode():
+    with torch.inference_mode(), _threads(threads):
         values = _sam_scores(stage or _segment_stage(folder), n_scenes, seed, split, progress)
     flat = [v for g in values for v in g]
     return {"metric": "mean mask IoU from the true boxes", "split": split, "seed": seed, "scene_config": "default",
@@ -605,11 +618,11 @@ def _detector_summary(rows: list[dict], n_scenes: int) -> dict:
 
 
 def evaluate_detector(folder: str | Path, n_scenes: int = 200, seed: int = TEST_SEED, split: str = "test",
-                      progress: bool = False, stage=None) -> dict:
+                      progress: bool = False, stage=None, threads: int | None = 1) -> dict:
     """Share of phrases naming >= 1 object whose top-scoring box (the engine's phrase score) has
     IoU >= 0.5 with one of the instances they name, on held-out scenes (default scene config);
     plus the union-box IoU for plural phrases and the scores of phrases that name nothing."""
-    with torch.inference_mode():
+    with torch.inference_mode(), _threads(threads):
         rows = _detector_scores(stage or _ground_stage(folder), n_scenes, seed, split, progress)
     summary = _detector_summary(rows, n_scenes)
     return {"metric": "top-1 box per phrase naming >= 1 object, IoU >= 0.5 with a named instance", "split": split,
@@ -823,6 +836,8 @@ def results_markdown(data: dict) -> str:
                       "phrases correct and passing |", "|---|---|---|"]
             lines += [f"| {th} | {v['nothing_passes']} | {v['named_correct_and_passes']} |"
                       for th, v in t["at_threshold"].items()]
+    if data.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in data["notes"]]
     return "\n".join(lines) + "\n"
 
 

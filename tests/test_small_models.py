@@ -16,7 +16,7 @@ from devkit import small_models as sm
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "small-models.json"
-CHECK_SEED, CHECK_SCENES = 2, 16   # test split, another seed than the results file's (1) and the sample's (14)
+CHECK_SEED, CHECK_SCENES = 2, 24   # test split, another seed than the results file's (1) and the sample's (14)
 
 
 def _tiny_recipe(cls):
@@ -88,17 +88,18 @@ def _reported() -> dict:
     return json.loads(RESULTS.read_text())
 
 
-def _close(value: float, se: float, reported: float) -> bool:
-    """Within 3 standard errors of the small check (the results file's own SE is smaller), plus
-    0.01 for the float noise of another machine."""
-    return abs(value - reported) <= 3 * se + 0.01
+def _close(got: dict, reported: dict, key: str) -> bool:
+    """Within 4 standard errors of the difference (both figures' clustered SEs), plus 0.01 for
+    another machine's float noise. Four, not three: 24-scene sets vary more from seed to seed
+    than their clustered SE says (SAM on test seeds 2, 3, 4: 0.77, 0.65, 0.70, SE ~0.025)."""
+    return abs(got[key] - reported[key]) <= 4 * math.hypot(got["se"], reported["se"]) + 0.01
 
 
 def test_committed_sam_scores_what_the_results_file_says(tiny_models):
     folder = REPO / "models" / sm.SAM_DIR
     reported = _reported()["sam"]["test"]
     got = sm.evaluate_sam(folder, CHECK_SCENES, CHECK_SEED)
-    assert _close(got["mean_mask_iou"], got["se"], reported["mean_mask_iou"]), (got, reported)
+    assert _close(got, reported, "mean_mask_iou"), (got, reported)
     assert reported["met"] == (reported["mean_mask_iou"] >= sm.TARGETS["sam_mean_mask_iou"])
     # and far above what the random tiny SAM gets on the same scenes
     random = sm.evaluate_sam(tiny_models["sam-tiny-random"], CHECK_SCENES, CHECK_SEED)
@@ -110,7 +111,7 @@ def test_committed_detector_scores_what_the_results_file_says():
     reported = _reported()["detector"]["test"]
     got = sm.evaluate_detector(folder, CHECK_SCENES, CHECK_SEED)
     assert got["n"] >= 2 * CHECK_SCENES    # phrases naming something: about three a scene
-    assert _close(got["top1_at_iou50"], got["se"], reported["top1_at_iou50"]), (got, reported)
+    assert _close(got, reported, "top1_at_iou50"), (got, reported)
     assert reported["met"] == (reported["top1_at_iou50"] >= sm.TARGETS["detector_top1_at_iou50"])
 
 
