@@ -90,6 +90,53 @@ def _build_vocab() -> list[str]:
     return vocab
 
 
+def write_gdino_tokenizer(folder: Path, vocab: list[str], model_max_length: int = 256):
+    """Write ``vocab.txt`` into ``folder`` and load it as the GroundingDINO tokenizer (checked
+    against the BERT ids the model hard-codes)."""
+    from transformers import BertTokenizer
+
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    # BertTokenizer(vocab_file=...) ignores the file in transformers 5: go through from_pretrained.
+    tokenizer = BertTokenizer.from_pretrained(str(folder), do_lower_case=True, model_max_length=model_max_length)
+    if tokenizer.convert_tokens_to_ids([".", "?", "[CLS]", "[SEP]"]) != [1012, 1029, 101, 102]:
+        raise RuntimeError("GroundingDINO vocabulary does not match the model's special token ids")
+    return tokenizer
+
+
+def write_gdino_processor(folder: Path, tokenizer, shortest_edge: int, longest_edge: int):
+    """Save a GroundingDINO processor (image sizes + ``tokenizer``) into ``folder``; returns it."""
+    from transformers import GroundingDinoImageProcessor, GroundingDinoProcessor
+
+    image_processor = GroundingDinoImageProcessor(
+        size={"shortest_edge": shortest_edge, "longest_edge": longest_edge})
+    processor = GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor.save_pretrained(str(folder))
+    # from_pretrained leaves loading flags in the saved tokenizer config: drop them.
+    tok_cfg_path = folder / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text())
+    for key in ("is_local", "local_files_only", "name_or_path"):
+        tok_cfg.pop(key, None)
+    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
+    return processor
+
+
+def write_sam_processor(folder: Path, image_size: int, patch_size: int):
+    """Save a SAM processor for a ``image_size`` / ``patch_size`` model into ``folder``; returns it.
+    The low-resolution masks are 4 x the image embedding's side."""
+    from transformers import SamImageProcessor, SamProcessor
+
+    low_res = 4 * (image_size // patch_size)
+    image_processor = SamImageProcessor(
+        size={"longest_edge": image_size},
+        pad_size={"height": image_size, "width": image_size},
+        mask_size={"longest_edge": low_res},
+        mask_pad_size={"height": low_res, "width": low_res},
+    )
+    processor = SamProcessor(image_processor=image_processor)
+    processor.save_pretrained(str(folder))
+    return processor
+
+
 def _readme(title: str, loads: str, seed: int) -> str:
     return f"""# {title}: RANDOM WEIGHTS, NOT A REAL MODEL
 
@@ -124,21 +171,14 @@ def _write_grounding_dino(folder: Path, seed: int) -> None:
     import torch
     from transformers import (
         BertConfig,
-        BertTokenizer,
         GroundingDinoConfig,
         GroundingDinoForObjectDetection,
-        GroundingDinoImageProcessor,
-        GroundingDinoProcessor,
         SwinConfig,
     )
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = _build_vocab()
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    # BertTokenizer(vocab_file=...) ignores the file in transformers 5: go through from_pretrained.
-    tokenizer = BertTokenizer.from_pretrained(str(folder), do_lower_case=True, model_max_length=256)
-    if tokenizer.convert_tokens_to_ids([".", "?", "[CLS]", "[SEP]"]) != [1012, 1029, 101, 102]:
-        raise RuntimeError("tiny GroundingDINO vocabulary does not match the model's special token ids")
+    tokenizer = write_gdino_tokenizer(folder, vocab)
 
     backbone = SwinConfig(
         image_size=GDINO_LONGEST_EDGE, patch_size=4, num_channels=3, embed_dim=16,
@@ -168,16 +208,7 @@ def _write_grounding_dino(folder: Path, seed: int) -> None:
         model.model.decoder.layer_norm.bias.mul_(0.1)
     model.save_pretrained(str(folder))
 
-    image_processor = GroundingDinoImageProcessor(
-        size={"shortest_edge": GDINO_SHORTEST_EDGE, "longest_edge": GDINO_LONGEST_EDGE})
-    processor = GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    processor.save_pretrained(str(folder))
-    # from_pretrained leaves loading flags in the saved tokenizer config: drop them.
-    tok_cfg_path = folder / "tokenizer_config.json"
-    tok_cfg = json.loads(tok_cfg_path.read_text())
-    for key in ("is_local", "local_files_only", "name_or_path"):
-        tok_cfg.pop(key, None)
-    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
+    write_gdino_processor(folder, tokenizer, GDINO_SHORTEST_EDGE, GDINO_LONGEST_EDGE)
     (folder / "README.md").write_text(_readme(
         "grounding-dino-tiny-random",
         "from transformers import AutoProcessor, AutoModelForZeroShotObjectDetection\n"
@@ -189,10 +220,8 @@ def _write_sam(folder: Path, seed: int) -> None:
     import torch
     from transformers import (
         SamConfig,
-        SamImageProcessor,
         SamMaskDecoderConfig,
         SamModel,
-        SamProcessor,
         SamPromptEncoderConfig,
         SamVisionConfig,
     )
@@ -213,14 +242,7 @@ def _write_sam(folder: Path, seed: int) -> None:
     model = SamModel(config).eval()
     model.save_pretrained(str(folder))
 
-    low_res = 4 * (SAM_IMAGE_SIZE // SAM_PATCH_SIZE)
-    image_processor = SamImageProcessor(
-        size={"longest_edge": SAM_IMAGE_SIZE},
-        pad_size={"height": SAM_IMAGE_SIZE, "width": SAM_IMAGE_SIZE},
-        mask_size={"longest_edge": low_res},
-        mask_pad_size={"height": low_res, "width": low_res},
-    )
-    SamProcessor(image_processor=image_processor).save_pretrained(str(folder))
+    write_sam_processor(folder, SAM_IMAGE_SIZE, SAM_PATCH_SIZE)
     (folder / "README.md").write_text(_readme(
         "sam-tiny-random",
         "from transformers import SamModel, SamProcessor\n"

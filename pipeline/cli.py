@@ -3,7 +3,7 @@
 Exit codes: 0 success, 1 run failed, 2 bad manifest or arguments (the message
 names the field), 130 interrupted (Ctrl-C: one line; rerunning a build resumes it). One handler
 per command (``_COMMANDS``), all run through one error wrapper (:func:`_run`). The developer tools
-(``devkit``: tiny-models, sample-data, experiment, train's ``model.tiny_if_missing``) are imported
+(``devkit``: tiny-models, sample-data, experiment, small-models, train's ``model.tiny_if_missing``) are imported
 lazily inside those handlers only; a production run never loads them.
 """
 from __future__ import annotations
@@ -144,6 +144,23 @@ def _parser() -> argparse.ArgumentParser:
     shapes.add_argument("--work", default="out/experiment-shapes", help="working folder (models)")
     shapes.add_argument("--results", default="bench/results/experiment-shapes.md",
                         help="results table (Markdown); the rows go to the same name with .json")
+
+    small = sub.add_parser("small-models", help="train / evaluate the small GroundingDINO and SAM that know only the "
+                                                "generated shape scenes (models/; README 'Small trained models')")
+    small_sub = small.add_subparsers(dest="small-models_command", required=True, parser_class=_Parser)
+    sm_train = small_sub.add_parser("train", help="train from scratch by the seeded recipe (devkit/small_models.py; "
+                                                  "~1 h on 2 CPU cores), evaluate on held-out scenes, write model cards")
+    sm_train.add_argument("out", metavar="OUT", help="folder for shapes-sam/ and shapes-grounding-dino/ (e.g. models)")
+    sm_train.add_argument("--only", choices=["sam", "detector"], help="train one of the two")
+    sm_train.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    sm_train.add_argument("--seed", type=int, default=0)
+    sm_train.add_argument("--results", default="bench/results/small-models.json",
+                          help="results JSON to update (and its .md); '' for none")
+    sm_eval = small_sub.add_parser("evaluate", help="held-out figures of trained folders (SAM: mean mask IoU from the "
+                                                    "true boxes; GroundingDINO: top-1 box per phrase at IoU 0.5)")
+    sm_eval.add_argument("folders", metavar="FOLDER", nargs="+")
+    sm_eval.add_argument("--scenes", type=int, help="held-out scenes (default: 100 for SAM, 200 for GroundingDINO)")
+    sm_eval.add_argument("--seed", type=int, default=1, help="test-split seed (1: the results file's)")
 
     # evaluate KIND ...: one sub-command per kind of evaluation
     about = ("evaluate a build or a model: judge (verdicts vs human labels), labels (groundings vs gold masks), "
@@ -386,6 +403,18 @@ def _experiment_shapes(args) -> int:
     return run_shapes_cli(args, st, lams)
 
 
+def _small_models_train(args) -> int:
+    from devkit.small_models import train_small_models_cli
+
+    return train_small_models_cli(args)
+
+
+def _small_models_evaluate(args) -> int:
+    from devkit.small_models import evaluate_small_models_cli
+
+    return evaluate_small_models_cli(args)
+
+
 def _evaluate_judge(args) -> int:
     import json
 
@@ -432,6 +461,8 @@ _COMMANDS = {
     "publish": _publish,
     "train": _train,
     "experiment shapes": _experiment_shapes,
+    "small-models train": _small_models_train,
+    "small-models evaluate": _small_models_evaluate,
     "evaluate judge": _evaluate_judge,
     "evaluate grounding": _evaluate_grounding,
     "evaluate labels": _evaluate_labels,
