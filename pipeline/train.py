@@ -39,6 +39,10 @@ class DataSection(_S):
 
 class WTLSection(_S):
     lambda_: float = Field(1.0, alias="lambda", ge=0)
+    # ramp: λ = 0 for warmup_steps optimizer steps, then linear up to λ over as many (null: a quarter
+    # of train.max_steps); the shapes sweep's chosen arm (README, Experiment)
+    schedule: Literal["constant", "ramp"] = "constant"
+    warmup_steps: int | None = Field(None, ge=0)
     variant: Literal["kl", "kl_head", "mass", "dice_bce"] = "kl"
     layers: list[int] | None = None  # default: the middle third of the language model's layers
     heads: list[int] | None = None
@@ -154,7 +158,9 @@ def run_train(m: TrainManifest) -> dict:
         dataloader_num_workers=0, save_total_limit=2, use_cpu=not torch.cuda.is_available(),
     )
     trainer = WTLTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                         capture=capture, wtl_lambda=m.wtl.lambda_, wtl_variant=m.wtl.variant)
+                         capture=capture, wtl_lambda=m.wtl.lambda_, wtl_variant=m.wtl.variant,
+                         wtl_schedule=m.wtl.schedule,
+                         wtl_warmup=m.train.max_steps // 4 if m.wtl.warmup_steps is None else m.wtl.warmup_steps)
     last = get_last_checkpoint(m.train.output_dir) if m.train.resume and Path(m.train.output_dir).is_dir() else None
     result = trainer.train(resume_from_checkpoint=last)
     trainer.save_model(m.train.output_dir)

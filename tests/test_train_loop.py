@@ -133,3 +133,34 @@ def test_train_cli_lora(root, shard, tmp_path):
     assert main(args) == 0
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     assert summary["steps"] == 1 and summary["last"]["wtl_loss"] > 0
+
+
+def test_lambda_schedule_ramps_after_the_warmup():
+    from stages.train.loss import lambda_at
+
+    assert [lambda_at(0.3, s) for s in (0, 5, 99)] == [0.3, 0.3, 0.3]
+    ramp = [lambda_at(1.0, s, "ramp", 4) for s in range(10)]
+    assert ramp == [0.0, 0.0, 0.0, 0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lambda_at(0.0, 7, "ramp", 4) == 0.0
+    with pytest.raises(ValueError, match="unknown λ schedule"):
+        lambda_at(1.0, 3, "cosine", 4)
+
+
+@pytest.mark.parametrize("schedule, expect_lambda", [("constant", 0.3), ("ramp", 0.0)])
+def test_train_cli_applies_the_lambda_schedule(root, shard, tmp_path, schedule, expect_lambda):
+    """During the ramp's warm-up the attention term is logged but not trained: loss == LM loss."""
+    from pipeline.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "manifests/train-sample.yaml", "--set", f"model.path={tmp_path / 'model'}", "--set",
+            f"data.shards={shard.parent.parent}", "--set", f"train.output_dir={out}", "--set", "train.max_steps=2",
+            "--set", "train.save_steps=10", "--set", "wtl.lambda=0.3", "--set", f"wtl.schedule={schedule}",
+            "--set", "wtl.warmup_steps=10", "--set", "train.report_to=none"]
+    assert main(args) == 0
+    last = json.loads((out / "train_summary.json").read_text())["last"]
+    assert last["wtl_lambda"] == pytest.approx(expect_lambda) and last["wtl_loss"] > 0
+    if expect_lambda == 0:
+        assert last["loss"] == pytest.approx(last["lm_loss"], rel=1e-3)
+    else:
+        assert last["loss"] == pytest.approx(last["lm_loss"] + 0.3 * last["wtl_loss"], rel=1e-3)
+    assert main(args[:-2] + ["--set", "wtl.schedule=cosine"]) == 2

@@ -69,11 +69,10 @@ def warmup_steps(st: ShapesSetting) -> int:
 
 
 def lambda_at(st: ShapesSetting, lam: float, step: int) -> float:
-    """λ at ``step`` under the setting's schedule."""
-    if st.schedule == "constant" or lam == 0:
-        return lam
-    w = warmup_steps(st)
-    return lam * min(1.0, max(0.0, (step - w) / max(w, 1)))
+    """λ at ``step`` under the setting's schedule (the training path's own rule, stages/train/loss.py)."""
+    from stages.train.loss import lambda_at as schedule_lambda
+
+    return schedule_lambda(lam, step, st.schedule, warmup_steps(st))
 
 
 def validate(st: ShapesSetting, lams=()) -> None:

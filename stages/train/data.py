@@ -25,7 +25,7 @@ import torch
 
 from stages import record as rec
 from stages.record import rle, shards
-from stages.train.geometry import Geometry, geometry_for
+from stages.train.geometry import geometry_for
 
 DEFAULT_INSTRUCTION = "Describe the image briefly."
 IMAGE_TOKENS = {"llava": "<image>", "llava_next": "<image>", "qwen2_vl": "<|image_pad|>"}

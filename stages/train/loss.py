@@ -66,3 +66,14 @@ def mask_iou_top(maps: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, 
     inter = (pred & gt).sum(-1).float()
     union = (pred | gt).sum(-1).float().clamp_min(1)
     return inter / union
+
+
+def lambda_at(lam: float, step: int, schedule: str = "constant", warmup: int = 0) -> float:
+    """λ at optimizer ``step`` (0-based): ``constant``, or ``ramp``: 0 for ``warmup`` steps, then linear
+    up to λ over as many steps. The shapes sweep (README, Experiment) found the ramp keeps λ = 1 off
+    the plateau where a model trained with the attention loss from step 0 ignored colour."""
+    if schedule == "constant" or lam == 0:
+        return lam
+    if schedule != "ramp":
+        raise ValueError(f"unknown λ schedule {schedule!r} (constant | ramp)")
+    return lam * min(1.0, max(0.0, (step - warmup) / max(warmup, 1)))

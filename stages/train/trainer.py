@@ -7,15 +7,16 @@ from transformers import Trainer
 
 from stages.train.attention import AttentionCapture
 from stages.train.data import WTL_KEYS
-from stages.train.loss import entity_maps, mask_iou_top, wtl_loss
+from stages.train.loss import entity_maps, lambda_at, mask_iou_top, wtl_loss
 
 
 class WTLTrainer(Trainer):
     def __init__(self, *args, capture: AttentionCapture, wtl_lambda: float = 1.0, wtl_variant: str = "kl",
-                 **kwargs):
+                 wtl_schedule: str = "constant", wtl_warmup: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.capture = capture
         self.wtl_lambda = float(wtl_lambda)
+        self.wtl_schedule, self.wtl_warmup = wtl_schedule, int(wtl_warmup)
         self.wtl_variant = wtl_variant
         self._acc = {"lm_loss": [], "wtl_loss": [], "wtl_iou": []}
 
@@ -35,7 +36,8 @@ class WTLTrainer(Trainer):
         else:
             lw = lm.new_zeros(())
             iou = None
-        loss = lm + self.wtl_lambda * lw if self.wtl_lambda else lm + 0.0 * lw
+        lam = lambda_at(self.wtl_lambda, self.state.global_step, self.wtl_schedule, self.wtl_warmup)
+        loss = lm + lam * lw if lam else lm + 0.0 * lw
         if model.training:
             self._acc["lm_loss"].append(lm.detach().float().item())
             self._acc["wtl_loss"].append(lw.detach().float().item())
@@ -44,6 +46,8 @@ class WTLTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs):
+        if "loss" in logs:   # λ in force now (the schedule may ramp it up)
+            logs["wtl_lambda"] = lambda_at(self.wtl_lambda, self.state.global_step, self.wtl_schedule, self.wtl_warmup)
         for k, vals in self._acc.items():
             if vals and "loss" in logs:
                 logs[k] = round(sum(vals) / len(vals), 6)
