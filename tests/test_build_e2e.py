@@ -206,7 +206,7 @@ def _cli(args, **kw):
 
 
 @pytest.mark.slow
-# One kill here, with the local loop: tests/test_chaos.py kills Ray builds six times at random
+# One kill here, with the local loop: tests/test_chaos.py kills Ray builds three times at random
 # moments (before, between and during shard writes).
 @pytest.mark.parametrize("executor, kill_after_shards", [("local", 2)])
 def test_kill_9_then_rerun_equals_uninterrupted(local_out, module_overrides, tmp_path, executor, kill_after_shards):

@@ -20,7 +20,7 @@ import pytest
 from test_build_e2e import SAMPLE, _build, _cli, _rejected, _records, assert_same_samples  # noqa: F401
 from test_build_e2e import module_overrides  # noqa: F401 - the fixture
 
-KILLS = 6
+KILLS = 3
 SEED = 9
 
 
