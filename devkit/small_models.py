@@ -33,7 +33,7 @@ import math
 import platform
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -328,15 +328,17 @@ def train_sam(out_dir: str | Path, steps: int | None = None, seed: int = 0, reci
     """Train SAM from scratch by ``recipe`` and write the folder ``out_dir``; returns the run's
     record (recipe, wall time, learning curve, held-out figures)."""
 
-    recipe = recipe or SamRecipe()
-    if steps is not None:
-        recipe.steps = steps
-    recipe.seed = seed
+    return _run_recipe(_train_sam, recipe or SamRecipe(), out_dir, steps, seed, progress, evaluate_scenes, command)
+
+
+def _run_recipe(train, recipe, out_dir, steps: int | None, seed: int, *args) -> dict:
+    """``train(recipe, out, *args)`` with the steps and seed asked for, at the recipe's torch threads."""
+    recipe = replace(recipe, seed=seed, **({} if steps is None else {"steps": steps}))
     threads = torch.get_num_threads()
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     try:
-        return _train_sam(recipe, Path(out_dir), progress, evaluate_scenes, command)
+        return train(recipe, Path(out_dir), *args)
     finally:
         torch.set_num_threads(threads)
 
@@ -655,19 +657,8 @@ def train_grounding_dino(out_dir: str | Path, steps: int | None = None, seed: in
                          command: str | None = None) -> dict:
     """Train GroundingDINO from scratch by ``recipe`` with transformers' GroundingDINO loss and
     write the folder ``out_dir``; returns the run's record."""
-
-
-    recipe = recipe or DetectorRecipe()
-    if steps is not None:
-        recipe.steps = steps
-    recipe.seed = seed
-    threads = torch.get_num_threads()
-    if recipe.threads:
-        torch.set_num_threads(recipe.threads)
-    try:
-        return _train_grounding_dino(recipe, Path(out_dir), progress, evaluate_scenes, command)
-    finally:
-        torch.set_num_threads(threads)
+    return _run_recipe(_train_grounding_dino, recipe or DetectorRecipe(), out_dir, steps, seed, progress,
+                       evaluate_scenes, command)
 
 
 def _train_grounding_dino(recipe, out: Path, progress: bool, evaluate_scenes: int, command: str | None) -> dict:

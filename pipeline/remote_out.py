@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pipeline.manifest import ManifestError
 from pipeline.outdir import BUILD_FILES
-from pipeline.store import Store, open_store, remote_lock
+from pipeline.store import Store, open_store, pid_alive, remote_lock
 from stages.record.shards import DONE, LAYOUT
 from stages.write import ShardWriter
 
@@ -167,16 +167,6 @@ class RemoteOutput:
 _STAGING = "lookandlearn-staging-"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:      # someone else's live process
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def staging_folder():
     """A fresh local staging folder named after this process (``lookandlearn-staging-{pid}-*``),
@@ -185,7 +175,7 @@ def staging_folder():
     pattern = re.compile(re.escape(_STAGING) + r"(\d+)-")
     for entry in Path(tempfile.gettempdir()).glob(_STAGING + "*"):
         match = pattern.match(entry.name)
-        if match and entry.is_dir() and not _alive(int(match.group(1))):
+        if match and entry.is_dir() and not pid_alive(int(match.group(1))):
             log.info("removing the staging folder of a build that is gone: %s", entry)
             shutil.rmtree(entry, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=f"{_STAGING}{os.getpid()}-") as staging:

@@ -182,7 +182,7 @@ def local_copy(spec: str):
 LOCK = ".lock"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -195,7 +195,7 @@ def _pid_alive(pid: int) -> bool:
 def _is_stale(held: dict, now: float) -> bool:
     if not isinstance(held, dict):
         return True
-    if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int) and not _pid_alive(held["pid"]):
+    if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int) and not pid_alive(held["pid"]):
         return True  # its owner died here (kill -9): the kernel would have dropped a flock too
     return now - float(held.get("heartbeat") or 0) > STALE_S
 
