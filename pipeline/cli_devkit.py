@@ -47,6 +47,9 @@ def add_devkit_parsers(sub, parser_class) -> None:
     sm_train.add_argument("--only", choices=["sam", "detector"], help="train one of the two")
     sm_train.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     sm_train.add_argument("--seed", type=int, default=0)
+    sm_train.add_argument("--sequential", action="store_true",
+                          help="train SAM, then GroundingDINO, in this process (default: both at once, SAM in a "
+                               "second process, when the machine has 2+ cores)")
     sm_train.add_argument("--results", default="bench/results/small-models.json",
                           help="results JSON to update (and its .md); '' for none")
     sm_eval = small_sub.add_parser("evaluate", help="held-out figures of trained folders (SAM: mean mask IoU from the "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,33 @@ def test_detector_recipe_trains_and_loads(tmp_path):
     rows = sm._detector_scores(sm._ground_stage(folder), 1, 0, "val")
     assert rows and all(0.0 <= r["score"] <= 1.0 for r in rows)
     assert {r["phrase"] for r in rows} == set(sm._phrases(scenes.generate(0, "val", 0, sm.EVAL_CONFIG)))
+
+
+def test_train_both_runs_sam_in_a_second_process(tmp_path):
+    """`small-models train` trains both at once, each in a spawned process whose scene-drawing
+    DataLoader worker must still start (its closure cannot be pickled): both folders and records
+    come back, and a failure in one process is raised at once, not after the other finishes."""
+    from dataclasses import replace
+
+    req = sm.TrainRequest(tmp_path / "models", results=tmp_path / "results.json", evaluate_scenes={"sam": 0, "detector": 0},
+                          sam_recipe=replace(_tiny_recipe(sm.SamRecipe), workers=1),
+                          detector_recipe=replace(_tiny_recipe(sm.DetectorRecipe), workers=1))
+    runs = sm.train_both(req)
+    assert set(runs) == {"sam", "detector"}
+    assert (tmp_path / "models" / sm.SAM_DIR / "README.md").is_file()
+    assert (tmp_path / "models" / sm.GDINO_DIR / "README.md").is_file()
+    assert set(json.loads((tmp_path / "results.json").read_text())) >= {"sam", "detector"}
+    assert runs["sam"]["recipe"]["steps"] == 3 and len(runs["sam"]["loss_curve"]) == 3
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / sm.SAM_DIR).write_text("a file where the SAM folder goes")
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"sam training \(its own process\) failed: FileExistsError"):
+        sm.train_both(sm.TrainRequest(broken, evaluate_scenes={"sam": 0, "detector": 0},
+                                      sam_recipe=_tiny_recipe(sm.SamRecipe),
+                                      detector_recipe=replace(_tiny_recipe(sm.DetectorRecipe), steps=100_000)))
+    assert time.monotonic() - started < 120     # the detector's 100,000 steps were stopped, not waited for
 
 
 def test_criterion_offsets_each_images_phrases():
