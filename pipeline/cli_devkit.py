@@ -29,6 +29,9 @@ def add_devkit_parsers(sub, parser_class) -> None:
                         help="language-model layers of the loss and read-out, 0-3 (default: the middle third)")
     shapes.add_argument("--heads", type=int, nargs="+", default=None, metavar="H",
                         help="attention heads of the loss and read-out, 0-3 (default: all)")
+    shapes.add_argument("--labels", nargs="+", choices=["exact", "pseudo"], default=None, metavar="KIND",
+                        help="training masks of the λ > 0 arms, one arm each: exact (the generator's; default) and/or "
+                             "pseudo (the engine's own through manifests/sample.yaml: trained small models, rules judge)")
     shapes.add_argument("--quick", action="store_true",
                         help="the reduced setting of the test suite (64 px scenes, 300 steps, fewer held-out items)")
     shapes.add_argument("--sweep", action="store_true",

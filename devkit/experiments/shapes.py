@@ -28,6 +28,7 @@ from pathlib import Path
 
 QUERIES = ("phrase", "predicting")
 SCHEDULES = ("constant", "ramp")
+LABELS = ("exact", "pseudo")   # training captions' masks: the generator's, or the engine's (shapes_pseudo)
 EVAL_SEED = 0   # the held-out scenes (val and test streams) are the same for every run
 
 
@@ -44,6 +45,7 @@ class ShapesSetting:
     layers: tuple[int, ...] | None = None   # loss and read-out layers (None: the middle third)
     heads: tuple[int, ...] | None = None    # heads of the loss and read-out (None: all)
     variant: str = "kl"
+    labels: str = "exact"          # exact: the generator's masks; pseudo: the engine's (shapes_pseudo, rules judge)
     image_size: int = 64           # 8 x 8 image-token grid (112 px, 14 x 14: ~2.5x the step time)
     patch_size: int = 8
     hidden: int = 64
@@ -90,6 +92,8 @@ def validate(st: ShapesSetting, lams=()) -> None:
         raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {st.schedule!r}")
     if st.warmup is not None and not 0 <= st.warmup < st.steps:
         raise ValueError(f"--warmup must be >= 0 and < --steps ({st.steps}), got {st.warmup}")
+    if st.labels not in LABELS:
+        raise ValueError(f"--labels must be among {', '.join(LABELS)}, got {st.labels!r}")
     if st.query not in QUERIES:
         raise ValueError(f"--query must be one of {', '.join(QUERIES)}, got {st.query!r}")
     for name, values, n in (("--layers", st.layers, st.num_layers), ("--heads", st.heads, st.num_heads)):
@@ -114,7 +118,8 @@ class Examples:
         self.cfg = DataConfig("llava", query="phrase")   # predicting positions: shapes_eval.with_queries
         # the training batches of one seed, kept for the next run of that seed (same scenes, built
         # once: ~1/3 of a step's time); FULL: ~0.7 GB for 1,200 steps
-        self._cache: dict[tuple[int, int], tuple[list[dict], list[dict]]] = {}
+        self._cache: dict[tuple[int, int, str], tuple[list[dict], list[dict]]] = {}
+        self.pseudo = None    # shapes_pseudo.PseudoLabeler, made on the first pseudo-label batch
 
     def _build(self, record: dict, image):
         from stages.train.data import build_example
@@ -135,21 +140,38 @@ class Examples:
             q["pixel_values"] = cap["pixel_values"]    # the same image: one tensor
         return cap, q, qrec, [o["mask"] for o in objs]
 
-    def train_batch(self, seed: int, step: int, counts: Counter) -> list[dict]:
+    def train_batch(self, seed: int, step: int, counts: Counter, labels: str = "exact") -> list[dict]:
         """The fresh scenes of one training step (captions first, then questions); ``counts``
-        gathers the answers seen per (type, question text)."""
-        if (seed, step) not in self._cache:
+        gathers the answers seen per (type, question text). ``labels="pseudo"``: the same scenes
+        with the captions' entities and masks from the engine (:mod:`shapes_pseudo`)."""
+        key = (seed, step, labels)
+        if key not in self._cache:
             if any(k[0] != seed for k in self._cache):
                 self._cache.clear()
             half = self.st.batch_size // 2
-            pairs = [self.pair(seed, "train", step * half + k) for k in range(half)]
-            caps = [{k: v for k, v in cap.items() if k != "geometry"} for cap, _, _, _ in pairs]
+            indices = [step * half + k for k in range(half)]
+            pairs = [self.pair(seed, "train", i, caption=labels == "exact") for i in indices]
+            if labels == "pseudo":
+                caps = self._pseudo_captions(seed, indices)
+            else:
+                caps = [{k: v for k, v in cap.items() if k != "geometry"} for cap, _, _, _ in pairs]
             qs = [{k: v for k, v in q.items() if k != "geometry"} for _, q, _, _ in pairs]
-            self._cache[(seed, step)] = (caps + qs, [qrec["question"] for _, _, qrec, _ in pairs])
-        examples, questions = self._cache[(seed, step)]
+            self._cache[key] = (caps + qs, [qrec["question"] for _, _, qrec, _ in pairs])
+        examples, questions = self._cache[key]
         for info in questions:
             counts[(info["type"], info["text"])][info["answer"]] += 1
         return examples
+
+    def _pseudo_captions(self, seed: int, indices: list[int]) -> list[dict]:
+        from devkit.experiments import shapes_tasks as T
+        from devkit.experiments.shapes_pseudo import PseudoLabeler
+
+        if self.pseudo is None:
+            self.pseudo = PseudoLabeler()
+        scs = [T.scene(seed, "train", i, self.st.image_size) for i in indices]
+        exact = [T.caption_record(f"train{i:06d}", sc) for i, sc in zip(indices, scs)]
+        records = self.pseudo.relabel(exact, [sc.image for sc in scs])
+        return [{k: v for k, v in self._build(r, sc.image).items() if k != "geometry"} for r, sc in zip(records, scs)]
 
     def held_out(self, split: str, n_captions: int, n_questions: int):
         from devkit.experiments.shapes_eval import EvalSet
@@ -202,7 +224,7 @@ def train(model, capture, data: Examples, seed: int, lam: float, st: ShapesSetti
     bar = tqdm(range(st.steps), desc=f"seed {seed} λ={lam:g} {query} {st.schedule}", unit="step", leave=False,
                mininterval=2.0)
     for step in bar:
-        examples = with_queries(data.train_batch(seed, step, counts), query)
+        examples = with_queries(data.train_batch(seed, step, counts, st.labels), query)
         batch, wtl, labels = _model_batch(data_collator(data), examples)
         lam_t = lambda_at(st, lam, step)
         logged = (step + 1) % every == 0 or step + 1 == st.steps
@@ -301,25 +323,41 @@ def _threads(fn, threads: int | None):
 
 
 def run_shapes(work: str | Path, seeds=(0, 1, 2), st: ShapesSetting = FULL, lams=None,
-               threads: int | None = 1) -> list[dict]:
+               threads: int | None = 1, labels: tuple[str, ...] = ("exact",)) -> list[dict]:
     """λ = 0 and each λ of ``lams`` (default: the setting's) per seed, same scenes and initial
-    weights; rows as ``shapes_report.summarise`` writes them."""
+    weights, each λ > 0 once per ``labels`` mode; rows as ``shapes_report.summarise`` writes them."""
     work = Path(work)
     lams = tuple(lams) if lams else (st.lam,)
     validate(st, lams)
+    for mode in labels:
+        validate(replace(st, labels=mode))
 
     def go():
         rows, data, sets = [], None, None
         for seed in seeds:
-            for lam in (0.0, *[v for v in lams if v != 0]):
+            arms = [(0.0, "exact")] + [(lam, mode) for lam in lams if lam != 0 for mode in labels]
+            for lam, mode in arms:
                 if data is None:
                     data = Examples(_model(work, seed, st)[1], st)
                     sets = held_out_sets(data, st)
-                arm = replace(st, lam=lam, schedule=st.schedule if lam else "constant")   # λ = 0: no schedule
+                # λ = 0: no schedule, and no attention loss, so its labels do not matter
+                arm = replace(st, lam=lam, schedule=st.schedule if lam else "constant", labels=mode)
+                before = data.pseudo.summary() if data.pseudo is not None else None
                 rows += run_one(work, seed, lam, arm, sets, data=data)
+                if mode == "pseudo" and lam:
+                    rows[-1]["pseudo_labels"] = _label_delta(before, data.pseudo.summary())
         return rows
 
     return _threads(go, threads)
+
+
+def _label_delta(before: dict | None, after: dict) -> dict:
+    """The pseudo-label counts of one run (the labeler's counters run over the whole experiment)."""
+    keys = ("samples", "rejected", "phrases", "grounded", "grounded_other", "correct")
+    d = {k: after[k] - (before or {}).get(k, 0) for k in keys}
+    grounded = d["grounded"] + d["grounded_other"]
+    return {"manifest": after["manifest"], **d, "precision": round(d["correct"] / grounded, 4) if grounded else None,
+            "recall": round(d["correct"] / d["phrases"], 4) if d["phrases"] else None}
 
 
 # The sweep: every λ > 0 arm of the grid on GRID_SEEDS (λ = 0 once per seed, read out at both
@@ -396,7 +434,8 @@ def run_shapes_cli(args, st: ShapesSetting, lams: tuple[float, ...]) -> int:
     if args.sweep:
         rows, choice = run_sweep(args.work, st)
     else:
-        rows, choice = run_shapes(args.work, args.seeds if args.seeds is not None else (0, 1, 2), st, lams), None
+        rows, choice = run_shapes(args.work, args.seeds if args.seeds is not None else (0, 1, 2), st, lams,
+                                  labels=tuple(args.labels or ("exact",))), None
     text = format_results(rows, choice=choice, wall_minutes=(time.time() - t0) / 60)
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import json
 import math
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -42,7 +43,7 @@ def summarise(*, seed, lam, st, g_val, g_test, right, swapped, val_right, record
         "seed": seed, "lambda": lam, "query": st.query, "schedule": st.schedule, "steps": st.steps,
         "giou": g_test["giou"], "pointing": g_test["pointing"], "oracle_giou": g_test["oracle_giou"],
         "qa_acc": acc, "qa_constant": baselines["qa_constant"], "qa_image_swapped": float(swapped.mean()),
-        "n_questions": n, "caption_nll": g_test["caption_nll"], "labels": "exact",
+        "n_questions": n, "caption_nll": g_test["caption_nll"], "labels": st.labels,
         "uniform_giou": g_test["uniform_giou"], "val_giou": g_val["giou"], "val_layer": val_layer,
         "giou_val_layer": g_test["giou_per_layer"][val_layer],
         "giou_per_layer_val": g_val["giou_per_layer"], "giou_per_layer_test": g_test["giou_per_layer"],
@@ -60,7 +61,7 @@ def summarise(*, seed, lam, st, g_val, g_test, right, swapped, val_right, record
 
 
 def _arm(r: dict) -> tuple:
-    return (r.get("stage", ""), r["lambda"], r["query"], r["schedule"])
+    return (r.get("stage", ""), r["lambda"], r["query"], r["schedule"], r.get("labels", "exact"))
 
 
 def choose(rows: list[dict]) -> dict:
@@ -119,8 +120,9 @@ def format_results(rows: list[dict], choice: dict | None = None, wall_minutes: f
              f"Setting (shared by every run; varying: {', '.join(varying) or 'none'}): `{json.dumps(setting)}`.", "",
              "Tiny LLaVA-architecture model (CLIP-style ViT + Llama, RANDOM init per seed, trained from scratch on "
              "fresh generated scenes each step; not a result about real VLMs). Runs of one seed share initial weights "
-             "and training scenes; held-out scenes are the same for every run. Masks are exact (generated): "
-             "labels = exact.", "",
+             "and training scenes; held-out scenes are the same for every run. Training masks: labels = exact, the "
+             "generator's; labels = pseudo, the engine's own (spaCy phrases, detector, SAM, rules judge; "
+             "devkit/experiments/shapes_pseudo.py). Held-out grounding is always scored against exact masks.", "",
              "- gIoU / pointing: attention read-out of the caption's entity tokens (loss layers, heads averaged) "
              "mapped to pixels, thresholded at 0.5 × max, vs the exact mask (test captions). Oracle: the same "
              "read-out of the true mask's token-grid map (the ceiling); uniform: a flat map (the floor).",
@@ -137,28 +139,37 @@ def format_results(rows: list[dict], choice: dict | None = None, wall_minutes: f
                   f"{json.dumps({k: round(v, 3) for k, v in first['qa_constant_by_type'].items()})}), "
                   f"text prior {first['qa_text_prior']:.3f}; {first['n_questions']} test questions, "
                   f"{first['entities']} test entities, {first['n_val_questions']} val questions.", ""]
-    head = ("| stage | seed | λ | query | schedule | gIoU | gIoU @ val layer | pointing | QA | swapped | blind | "
+    head = ("| stage | seed | λ | query | schedule | labels | gIoU | gIoU @ val layer | pointing | QA | swapped | blind | "
             + " | ".join(types) + " | caption NLL | final LM loss | train s |")
     lines += ["## Runs", "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         per = " | ".join(f"{r['qa_by_type'].get(t, float('nan')):.3f}" for t in types)
         lines.append(f"| {r.get('stage', '')} | {r['seed']} | {r['lambda']} | {r['query']} | {r['schedule']} | "
-                     f"{r['giou']:.3f} | {r['giou_val_layer']:.3f} (L{r['val_layer']}) | {r['pointing']:.3f} | "
+                     f"{r.get('labels', 'exact')} | {r['giou']:.3f} | {r['giou_val_layer']:.3f} (L{r['val_layer']}) | {r['pointing']:.3f} | "
                      f"{r['qa_acc']:.3f} ± {r['qa_se']:.3f} | {r['qa_image_swapped']:.3f} | "
                      f"{'BLIND' if r['blind'] else 'no'} | {per} | {r['caption_nll']:.3f} | "
                      f"{r['final_lm_loss']:.3f} | {r['train_seconds']} |")
     arms: dict[tuple, list[dict]] = {}
     for r in rows:
         arms.setdefault(_arm(r), []).append(r)
-    head = ("| stage | λ | query | schedule | seeds | gIoU | gIoU @ val layer | pointing | QA | swapped | blind runs | "
+    head = ("| stage | λ | query | schedule | labels | seeds | gIoU | gIoU @ val layer | pointing | QA | swapped | blind runs | "
             + " | ".join(types) + " | caption NLL |")
     lines += ["", "## Mean ± sd over seeds", "", head, "|" + "---|" * (head.count("|") - 1)]
-    for (stage, lam, query, schedule), sel in arms.items():
+    for (stage, lam, query, schedule, labels), sel in arms.items():
         per = " | ".join(_ms([r["qa_by_type"].get(t) for r in sel]) for t in types)
-        lines.append(f"| {stage} | {lam} | {query} | {schedule} | {len(sel)} | {_ms([r['giou'] for r in sel])} | "
+        lines.append(f"| {stage} | {lam} | {query} | {schedule} | {labels} | {len(sel)} | {_ms([r['giou'] for r in sel])} | "
                      f"{_ms([r['giou_val_layer'] for r in sel])} | {_ms([r['pointing'] for r in sel])} | "
                      f"{_ms([r['qa_acc'] for r in sel])} | {_ms([r['qa_image_swapped'] for r in sel])} | "
                      f"{sum(r['blind'] for r in sel)} / {len(sel)} | {per} | {_ms([r['caption_nll'] for r in sel])} |")
+    pseudo = [r for r in rows if r.get("pseudo_labels")]
+    if pseudo:
+        lines += ["", "Pseudo-labels of the training captions against the exact masks (per run; correct = mask IoU "
+                      ">= 0.5; precision over every grounded span, recall over the caption's phrases):", ""]
+        for r in pseudo:
+            q = r["pseudo_labels"]
+            lines.append(f"- seed {r['seed']}: {q['samples']} captions, {q['phrases']} phrases, {q['grounded']} grounded "
+                         f"(+{q['grounded_other']} other spans), {q['correct']} correct: precision {q['precision']}, "
+                         f"recall {q['recall']}; {q['rejected']} rejected; manifest `{Path(q['manifest']).name}`.")
     if choice:
         lines += ["", f"Chosen on val (highest mean val gIoU among λ > 0 arms whose val QA is at most "
                       f"{CHOICE_QA_TOLERANCE} below λ = 0's {choice['baseline_val_qa_acc']:.3f}"
