@@ -55,7 +55,7 @@ bench: $(STAMP)
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 # The small GroundingDINO and SAM that know only the generated shape scenes, retrained from scratch by
-# the seeded recipe (~1 h on 2 CPU cores) -> models/shapes-*/ and bench/results/small-models.{json,md}
+# the seeded recipe (both models at once, ~55 min on 2 CPU cores) -> models/shapes-*/ and bench/results/small-models.{json,md}
 small-models: $(STAMP)
 	$(PY) -m pipeline small-models train models
 

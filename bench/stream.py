@@ -57,7 +57,7 @@ def run_build(out: Path, jsonl: Path, models: dict, per_shard: int, batch: int, 
     sam = next(str(p) for k, p in models.items() if "sam" in k)
     sets = [f"input.path={jsonl}", f"detect.model={det}", f"segment.model={sam}", "runtime.executor=ray",
             f"output.samples_per_shard={per_shard}", f"runtime.cpu_batch_size={batch}"]
-    cmd = [sys.executable, "-m", "pipeline", "build", str(code / "manifests" / "sample.yaml"), "--out", str(out),
+    cmd = [sys.executable, "-m", "pipeline", "build", str(code / "manifests" / "sample-random.yaml"), "--out", str(out),
            "--no-progress"] + [x for s in sets for x in ("--set", s)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(code))

@@ -31,7 +31,7 @@ def sample_jsonl(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def sample_manifest_args(tiny_models, sample_jsonl, tmp_path):
-    """--set overrides that point manifests/sample.yaml at the session's tiny models and data."""
+    """--set overrides that point manifests/sample-random.yaml at the session's tiny models and data."""
     det = tiny_models["grounding-dino-tiny-random"] if "grounding-dino-tiny-random" in tiny_models else next(
         p for k, p in tiny_models.items() if "dino" in k)
     sam = tiny_models["sam-tiny-random"] if "sam-tiny-random" in tiny_models else next(
@@ -41,7 +41,7 @@ def sample_manifest_args(tiny_models, sample_jsonl, tmp_path):
 
 @pytest.fixture(scope="session")
 def sample_out(tiny_models, sample_jsonl, tmp_path_factory) -> Path:
-    """manifests/sample.yaml built once (local executor, 4 shards) for tests that only read an
+    """manifests/sample-random.yaml built once (local executor, 4 shards) for tests that only read an
     output folder (inspect, gallery, publish). Treat it as read-only: copy it to change it."""
     from pipeline.manifest import load_manifest
     from pipeline.runner import build
@@ -49,7 +49,7 @@ def sample_out(tiny_models, sample_jsonl, tmp_path_factory) -> Path:
     det = next(p for k, p in tiny_models.items() if "dino" in k)
     sam = next(p for k, p in tiny_models.items() if "sam" in k)
     out = tmp_path_factory.mktemp("sample-out") / "sample"
-    manifest = load_manifest(REPO / "manifests" / "sample.yaml",
+    manifest = load_manifest(REPO / "manifests" / "sample-random.yaml",
                              [f"input.path={sample_jsonl}", f"detect.model={det}", f"segment.model={sam}",
                               "runtime.executor=local"], out=str(out))
     build(manifest, progress=False)

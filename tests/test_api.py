@@ -30,8 +30,8 @@ def _models(tiny_models) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def manifest(tiny_models, sample_jsonl) -> dict:
-    """manifests/sample.yaml as a dict, pointed at the session's tiny models and sample data."""
-    data = yaml.safe_load((REPO / "manifests" / "sample.yaml").read_text())
+    """manifests/sample-random.yaml as a dict, pointed at the session's tiny models and sample data."""
+    data = yaml.safe_load((REPO / "manifests" / "sample-random.yaml").read_text())
     det, sam = _models(tiny_models)
     data["input"]["path"] = str(sample_jsonl)
     data["detect"]["model"], data["segment"]["model"] = str(det), str(sam)
@@ -88,7 +88,7 @@ def test_build_from_a_dict_writes_the_shards(built, manifest, sample_out):
 def test_label_gives_the_record_the_shard_holds(sample_out, labeler, manifest, sample_jsonl):
     """Sample images + captions labelled in memory (one batch call) give the shard's record for
     that input: the same entities, boxes, scores, RLE masks and verdicts; a rejected input is
-    rejected with the reason the build wrote to rejected/. (``sample_out``: manifests/sample.yaml
+    rejected with the reason the build wrote to rejected/. (``sample_out``: manifests/sample-random.yaml
     built with the settings of this dict.)"""
     records, rejected = _shard_records(sample_out), _rejected(sample_out)
     dataset = manifest["input"]["dataset"]
@@ -177,7 +177,7 @@ def test_overrides_and_missing_fields_are_checked_too(manifest, tmp_path):
         build(tmp_path / "nope.yaml")
     # a manifest only for labelling needs no input; a YAML path and --set-style overrides work
     assert lookandlearn.load({k: v for k, v in manifest.items() if k != "input"}, input_optional=True).name == "sample"
-    m = lookandlearn.load(REPO / "manifests" / "sample.yaml", overrides=["detect.box_threshold=0.5"], out=tmp_path)
+    m = lookandlearn.load(REPO / "manifests" / "sample-random.yaml", overrides=["detect.box_threshold=0.5"], out=tmp_path)
     assert m.detect.box_threshold == 0.5 and m.output.path == str(tmp_path)
     assert lookandlearn.__version__ == __import__("pipeline").__version__
 

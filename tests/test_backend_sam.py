@@ -119,7 +119,7 @@ def _sample_build(tmp_path, sample_manifest_args, overrides):
     from pipeline.cli import main
 
     out = tmp_path / "out"
-    code = main(["build", str(REPO / "manifests" / "sample.yaml"), "--out", str(out), "--no-progress",
+    code = main(["build", str(REPO / "manifests" / "sample-random.yaml"), "--out", str(out), "--no-progress",
                  *(f"--set={o}" for o in sample_manifest_args + ["runtime.executor=local", "input.limit=10"]
                                                       + overrides)])
     return code, out

@@ -21,7 +21,7 @@ from pipeline.runner import build
 from stages.record import check_record
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "manifests" / "sample.yaml"
+SAMPLE = REPO / "manifests" / "sample-random.yaml"
 
 
 def _build(out: Path, overrides: list[str], executor: str = "local") -> dict:

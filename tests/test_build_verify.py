@@ -12,7 +12,7 @@ from pipeline.manifest import ManifestError, load_manifest
 from pipeline.runner import build
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "manifests" / "sample.yaml"
+SAMPLE = REPO / "manifests" / "sample-random.yaml"
 
 
 def _build(out: Path, overrides: list[str], overwrite: bool = False) -> dict:
@@ -56,7 +56,7 @@ def test_every_shard_has_a_completion_record(built):
     rec = json.loads(records[0].read_text())
     assert rec["files"]["tar"]["size"] == _tars(built)[0].stat().st_size
     assert len(rec["fingerprint"]) == 64
-    assert rec["settings"]["adjudicate.min_det_score"] == 0.84  # manifests/sample.yaml
+    assert rec["settings"]["adjudicate.min_det_score"] == 0.84  # manifests/sample-random.yaml
     assert not any(k.startswith("runtime.") for k in rec["settings"]) and "output.path" not in rec["settings"]
 
 

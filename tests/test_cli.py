@@ -73,7 +73,7 @@ def test_inspect_rejects_bad_numbers(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "error: --per-page must be >= 1"
 
 
-SAMPLE = Path(__file__).resolve().parents[1] / "manifests" / "sample.yaml"
+SAMPLE = Path(__file__).resolve().parents[1] / "manifests" / "sample-random.yaml"
 
 
 def _build_args(out, sets):

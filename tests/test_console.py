@@ -12,7 +12,7 @@ from pipeline.cli import main
 from pipeline.console import drop_native_log_lines, rate_text, summary_table
 from test_build_e2e import _cli
 
-SAMPLE = Path(__file__).resolve().parents[1] / "manifests" / "sample.yaml"
+SAMPLE = Path(__file__).resolve().parents[1] / "manifests" / "sample-random.yaml"
 NATIVE = (b"[2026-12-03 07:20:20,967 E 25497 25497] core_worker.cc:2465: Actor with class name: "
           b"'MapWorker(MapBatches(GroundSegmentActor))' has constructor arguments in the object store\n")
 # what Ray prints on its own: native C++ log lines, Ray Data's progress block and execution lines

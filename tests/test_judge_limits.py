@@ -179,7 +179,7 @@ def test_limits_hold_across_four_ray_judge_actors(sample_manifest_args, tmp_path
     records = [sample(i) for i in range(24)]
     rows = [{"seq": i, "shard": 0, "key": r["key"], "status": "ok", "record": dumps(r), "log": "[]", "times": "{}"}
             for i, r in enumerate(records)]
-    manifest_file = Path(__file__).parents[1] / "manifests" / "sample.yaml"
+    manifest_file = Path(__file__).parents[1] / "manifests" / "sample-random.yaml"
 
     def run(server, **adjudicate):
         sets = sample_manifest_args + [

@@ -682,7 +682,7 @@ def test_sample_build_with_llm_judge_from_the_command_line(server_factory, sampl
         "runtime.executor=local", "input.limit=12", "output.samples_per_shard=4",
         "adjudicate.judge=openai", "adjudicate.model=fake-judge", f"adjudicate.base_url={server.url}",
         f"adjudicate.api_key_env={KEY_ENV}", "adjudicate.backoff_s=0.01", "adjudicate.timeout_s=5"]
-    args = ["build", str(Path(__file__).parents[1] / "manifests" / "sample.yaml"), "--out", str(out), "--no-progress"]
+    args = ["build", str(Path(__file__).parents[1] / "manifests" / "sample-random.yaml"), "--out", str(out), "--no-progress"]
     args += [x for s in sets for x in ("--set", s)]
     assert main(args) == 0, capsys.readouterr().err
     stats = json.loads((out / "stats.json").read_text())
@@ -715,7 +715,7 @@ def test_ray_plan_with_llm_judge_actor_pool(server_factory, sample_manifest_args
     sets = sample_manifest_args + [
         "input.limit=8", "output.samples_per_shard=4", "adjudicate.judge=openai", "adjudicate.model=fake-judge",
         f"adjudicate.base_url={server.url}", f"adjudicate.api_key_env={KEY_ENV}", "adjudicate.workers=2"]
-    manifest_file = Path(__file__).parents[1] / "manifests" / "sample.yaml"
+    manifest_file = Path(__file__).parents[1] / "manifests" / "sample-random.yaml"
     outs = {}
     for executor in ("local", "ray"):
         outs[executor] = tmp_path / executor

@@ -20,7 +20,7 @@ from pipeline.runner import build
 from stages.record import check_record
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "manifests" / "sample.yaml"
+SAMPLE = REPO / "manifests" / "sample-random.yaml"
 LIMIT = 5
 
 

@@ -9,7 +9,7 @@ import pytest
 from pipeline.manifest import ManifestError, load_manifest
 from pipeline.runner import build_stages, check_cluster_fits
 
-SAMPLE = Path(__file__).resolve().parents[1] / "manifests" / "sample.yaml"
+SAMPLE = Path(__file__).resolve().parents[1] / "manifests" / "sample-random.yaml"
 GB = 1024 ** 3
 
 

@@ -24,7 +24,7 @@ def _build(out: Path, tiny_models, overrides: list[str]) -> Path:
 
     det = next(p for k, p in tiny_models.items() if "dino" in k)
     sam = next(p for k, p in tiny_models.items() if "sam" in k)
-    manifest = load_manifest(REPO / "manifests" / "sample.yaml",
+    manifest = load_manifest(REPO / "manifests" / "sample-random.yaml",
                              [f"detect.model={det}", f"segment.model={sam}", "runtime.executor=local",
                               "output.samples_per_shard=2", *overrides], out=str(out))
     build(manifest, progress=False)

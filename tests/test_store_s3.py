@@ -30,7 +30,7 @@ from pipeline.runner import build  # noqa: E402
 from test_cluster import ray_cluster  # noqa: E402,F401  (the loopback two-node cluster fixture)
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "manifests" / "sample.yaml"
+SAMPLE = REPO / "manifests" / "sample-random.yaml"
 FAKE_KEY_ID = "AKIDLOOKANDLEARNTEST"
 FAKE_SECRET = "fake-secret-3vK9qLwZ0xY7pR2u"   # must never appear in an output or an error
 BUCKET = "builds"
