@@ -275,8 +275,17 @@ def test_ray_read_webdataset_reads_shards(local_out):
 
 
 def test_cli_sigint_is_one_line_and_exit_130(tmp_path, module_overrides):
+    # the sample x8 (distinct ids, 120 shards): with the sample alone (15 shards) a loaded machine
+    # once let the build finish between the first shard and the signal, which then landed in the
+    # interpreter's shutdown (exit 0)
+    src = Path(module_overrides[0].split("=", 1)[1])
+    many = src.with_name("captions-x8.jsonl")
+    lines = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
+    many.write_text("".join(json.dumps({**row, **({"id": f"{row['id']}-r{k}"} if row.get("id") else {})}) + "\n"
+                            for k in range(8) for row in lines))
     out = tmp_path / "interrupted"
-    sets = module_overrides + ["output.samples_per_shard=2", "runtime.cpu_batch_size=2", "runtime.executor=local"]
+    sets = [f"input.path={many}", *module_overrides[1:], "output.samples_per_shard=2", "runtime.cpu_batch_size=2",
+            "runtime.executor=local"]
     proc = _cli(["build", str(SAMPLE), "--out", str(out), "--no-progress"] + [x for s in sets for x in ("--set", s)])
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not list((out / "shards").glob("*.tar")):
