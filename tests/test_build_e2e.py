@@ -199,6 +199,20 @@ def test_ray_plan_gives_the_same_samples_as_the_local_loop(local_out, module_ove
     assert _rejected(out) == _rejected(local_out)
 
 
+def _sigint_at_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _signal_status(pid: int) -> str:
+    """The SigBlk / SigIgn / SigCgt lines of /proc/PID/status (bit 2 = SIGINT), for a failure message."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError as exc:
+        return f"unreadable ({exc})"
+    return ", ".join(line.replace("\t", " ") for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+
+
 def _cli(args, **kw):
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled")
     return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env,
@@ -275,9 +289,7 @@ def test_ray_read_webdataset_reads_shards(local_out):
 
 
 def test_cli_sigint_is_one_line_and_exit_130(tmp_path, module_overrides):
-    # the sample x8 (distinct ids, 120 shards): with the sample alone (15 shards) a loaded machine
-    # once let the build finish between the first shard and the signal, which then landed in the
-    # interpreter's shutdown (exit 0)
+    # the sample x8 (distinct ids, 120 shards), so that the signal lands in the middle of the build
     src = Path(module_overrides[0].split("=", 1)[1])
     many = src.with_name("captions-x8.jsonl")
     lines = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
@@ -286,15 +298,22 @@ def test_cli_sigint_is_one_line_and_exit_130(tmp_path, module_overrides):
     out = tmp_path / "interrupted"
     sets = [f"input.path={many}", *module_overrides[1:], "output.samples_per_shard=2", "runtime.cpu_batch_size=2",
             "runtime.executor=local"]
-    proc = _cli(["build", str(SAMPLE), "--out", str(out), "--no-progress"] + [x for s in sets for x in ("--set", s)])
+    # SIGINT at its default in the child, as a shell gives it: in two full test runs the build took
+    # the signal as if it were not there (exit 0, no "interrupted") while the test alone passes;
+    # a disposition inherited from the test process would do that (a Python started with SIGINT
+    # ignored keeps ignoring it), so the child starts clean and the failure message says more
+    proc = _cli(["build", str(SAMPLE), "--out", str(out), "--no-progress"] + [x for s in sets for x in ("--set", s)],
+                preexec_fn=_sigint_at_default)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not list((out / "shards").glob("*.tar")):
         time.sleep(0.05)
     assert proc.poll() is None, "the build finished before it could be interrupted"
+    status = _signal_status(proc.pid)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    stdout, err = proc.communicate(timeout=120)
     text = err.decode()
-    assert proc.returncode == 130, text[-3000:]
+    assert proc.returncode == 130, (f"{text[-3000:]}\nstdout: {stdout.decode()[-1500:]}\nchild before the signal: "
+                                    f"{status}; test process SIGINT handler {signal.getsignal(signal.SIGINT)}")
     assert "Traceback" not in text
     assert text.strip().splitlines()[-1] == "interrupted; rerun the same command to resume: complete shards are kept"
     assert list((out / "shards").glob("*.tar"))
