@@ -288,15 +288,21 @@ def _sam_loss(model, prep, batch) -> tuple[torch.Tensor, dict[str, float]]:
 
 def _segment_stage(folder: str | Path | None = None, model=None, processor=None):
     """The engine's SegmentStage on the CPU, from a folder or an in-memory model and processor."""
-    from stages.prep import ImagePrep
     from stages.segment import SegmentConfig, SegmentStage
 
     stage = SegmentStage(SegmentConfig(model=str(folder or "in-memory")), _runtime())
+    return _with_model(stage, model, processor, "sam")
+
+
+def _with_model(stage, model, processor, kind: str):
+    """``stage`` set up from its folder, or given an in-memory model and processor (on the CPU)."""
+    from stages.prep import ImagePrep
+
     if model is None:
         stage.setup()
     else:
         stage.model, stage.processor = model.eval(), processor
-        stage.prep = ImagePrep(processor.image_processor, "sam")
+        stage.prep = ImagePrep(processor.image_processor, kind)
         stage.device, stage.dtype = torch.device("cpu"), torch.float32
     return stage
 
@@ -549,15 +555,10 @@ def _proposal_loss(config, out, labels, tok) -> tuple[torch.Tensor, dict[str, fl
 def _ground_stage(folder: str | Path | None = None, model=None, processor=None):
     """The engine's GroundStage on the CPU, from a folder or an in-memory model and processor."""
     from stages.ground import DetectConfig, GroundStage
-    from stages.prep import ImagePrep
 
-    stage = GroundStage(DetectConfig(model=str(folder or "in-memory")), _runtime())
-    if model is None:
-        stage.setup()
-    else:
-        stage.model, stage.processor = model.eval(), processor
-        stage.prep = ImagePrep(processor.image_processor, "gdino")
-        stage.device, stage.dtype = torch.device("cpu"), torch.float32
+    stage = _with_model(GroundStage(DetectConfig(model=str(folder or "in-memory")), _runtime()), model, processor,
+                        "gdino")
+    if model is not None:
         stage.max_tokens = min(stage.detect.max_text_tokens, int(model.config.max_text_len))
     return stage
 

@@ -353,11 +353,9 @@ def run_shapes(work: str | Path, seeds=(0, 1, 2), st: ShapesSetting = FULL, lams
 
 def _label_delta(before: dict | None, after: dict) -> dict:
     """The pseudo-label counts of one run (the labeler's counters run over the whole experiment)."""
-    keys = ("samples", "rejected", "phrases", "grounded", "grounded_other", "correct")
-    d = {k: after[k] - (before or {}).get(k, 0) for k in keys}
-    grounded = d["grounded"] + d["grounded_other"]
-    return {"manifest": after["manifest"], **d, "precision": round(d["correct"] / grounded, 4) if grounded else None,
-            "recall": round(d["correct"] / d["phrases"], 4) if d["phrases"] else None}
+    from devkit.experiments.shapes_pseudo import COUNTS, label_quality
+
+    return label_quality({k: after[k] - (before or {}).get(k, 0) for k in COUNTS}, after["manifest"])
 
 
 # The sweep: every λ > 0 arm of the grid on GRID_SEEDS (λ = 0 once per seed, read out at both

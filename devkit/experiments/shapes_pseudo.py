@@ -81,11 +81,17 @@ class PseudoLabeler:
         self.stats["grounded_other"] += len(set(grounded) - set(spans))   # a span the generator does not name
 
     def summary(self) -> dict:
-        """Label quality over everything relabelled so far: precision = correct / grounded (other
-        spans included), recall = correct / phrases."""
-        s = self.stats
-        grounded = s["grounded"] + s["grounded_other"]
-        return {"manifest": self.manifest, "samples": s["samples"], "rejected": s["rejected"], "phrases": s["phrases"],
-                "grounded": s["grounded"], "grounded_other": s["grounded_other"], "correct": s["correct"],
-                "precision": round(s["correct"] / grounded, 4) if grounded else None,
-                "recall": round(s["correct"] / s["phrases"], 4) if s["phrases"] else None}
+        """Label quality over everything relabelled so far (:func:`label_quality`)."""
+        return label_quality(self.stats, self.manifest)
+
+
+COUNTS = ("samples", "rejected", "phrases", "grounded", "grounded_other", "correct")
+
+
+def label_quality(counts, manifest: str) -> dict:
+    """The counts with precision = correct / grounded (other spans included) and recall = correct /
+    phrases."""
+    c = {k: counts.get(k, 0) for k in COUNTS}
+    grounded = c["grounded"] + c["grounded_other"]
+    return {"manifest": manifest, **c, "precision": round(c["correct"] / grounded, 4) if grounded else None,
+            "recall": round(c["correct"] / c["phrases"], 4) if c["phrases"] else None}
