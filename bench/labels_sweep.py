@@ -7,12 +7,15 @@ that neither the sample nor the small models' training used), written as a ``jso
 (local executor, in this process) with the given detector and SAM folders, then ``lookandlearn
 evaluate labels`` against the truth: entity precision, recall, F1 (correct = mask IoU >= 0.5),
 mean IoU, and the false-grounding rate on phrases that name nothing in the image. With
-``--colour-judge`` the chosen point (the best F1; the sample manifest's defaults) is also built with the
-fake judge's ``colour`` policy (a stand-in visual judge, not a model: devkit/fake_judge_server.py),
-with its requests and tokens, to show what a judge that looks at the image adds.
+``--rules v2 v1`` each point is built with the rules judge's rules.v2 (one phrase per region of a
+text, ``adjudicate.exclusive_regions``; a plural phrase's further instances at
+``adjudicate.plural_min_det_score`` = ``--plural-floor``) and with rules.v1 (neither). With ``--colour-judge`` the
+chosen point (the best F1; the sample manifest's defaults) is also built with the fake judge's
+``colour`` policy (a stand-in visual judge, not a model: devkit/fake_judge_server.py), with its
+requests and tokens, to show what a judge that looks at the image adds.
 
     python bench/labels_sweep.py --detector models/shapes-grounding-dino --sam models/shapes-sam \\
-        [--scenes 200] [--box 0.2 0.3 0.4] [--judge 0.3 0.45 0.6] [--colour-judge] \\
+        [--scenes 200] [--box 0.2 0.3 0.4] [--judge 0.3 0.45 0.6] [--text 0.15 0.25] [--rules v2 v1] [--colour-judge] \\
         [--out bench/results/labels-sweep.json]
 """
 from __future__ import annotations
@@ -76,30 +79,34 @@ def choose(points: list[dict], max_false_grounding: float | None = None) -> dict
     ``max_false_grounding`` when given (None when no point is)."""
     ok = [p for p in points if max_false_grounding is None or (p["false_grounding_rate"] or 0) <= max_false_grounding]
     # among equal figures the higher thresholds (lower ones that change nothing are not a choice)
-    return max(ok, key=lambda p: (p["f1"] or 0, p["precision"] or 0, p["min_det_score"], p["box_threshold"])) \
+    return max(ok, key=lambda p: (p["f1"] or 0, p["precision"] or 0, p["min_det_score"], p["box_threshold"],
+                                  p.get("rules", "v2"), p["text_threshold"])) \
         if ok else None
 
 
 def markdown(result: dict) -> str:
-    head = ("| box threshold | rules min_det_score | precision | recall | F1 | mean IoU | false grounding | meets targets |\n"
-            "|---|---|---|---|---|---|---|---|\n")
+    head = ("| box threshold | text threshold | rules | min_det_score | precision | recall | F1 | mean IoU | "
+            "false grounding | meets targets |\n|---|---|---|---|---|---|---|---|---|---|\n")
 
     def cell(v):
         return "-" if v is None else f"{v:.3f}"
-    rows = "".join(f"| {p['box_threshold']} | {p['min_det_score']} | {cell(p['precision'])} | {cell(p['recall'])} | "
+    rows = "".join(f"| {p['box_threshold']} | {p['text_threshold']} | {p['rules']} | {p['min_det_score']} | "
+                   f"{cell(p['precision'])} | {cell(p['recall'])} | "
                    f"{cell(p['f1'])} | {cell(p['mean_iou'])} | {cell(p['false_grounding_rate'])} | "
                    f"{'yes' if meets(p) else 'no'} |\n" for p in result["grid"])
     text = (f"# Label quality sweep ({result['date']})\n\n{result['scenes']} held-out generated scenes "
             f"(test stream, seed {result['scene_seed']}), detector `{result['detector']}`, SAM `{result['sam']}`, "
-            f"rules judge; correct = mask IoU >= 0.5. Targets: precision >= {TARGETS['precision']}, recall >= "
+            f"rules judge (v2: one phrase per region, plural floor {result['plural_floor']}; v1: neither); "
+            f"correct = mask IoU >= 0.5. Targets: precision >= {TARGETS['precision']}, recall >= "
             f"{TARGETS['recall']}, false grounding <= {TARGETS['false_grounding_rate']}. Machine: {result['machine']}.\n\n"
             + head + rows)
     chosen, safe = result["chosen"], result.get("chosen_within_false_grounding")
     text += (f"\nChosen (the best F1; the sample manifest's defaults): box threshold {chosen['box_threshold']}, "
-             f"min_det_score {chosen['min_det_score']}"
+             f"text threshold {chosen['text_threshold']}, rules {chosen['rules']}, min_det_score {chosen['min_det_score']}"
              f"{' (meets the targets)' if chosen['meets_targets'] else ' (does not meet the targets)'}.\n")
     text += (f"\nBest F1 with false grounding <= {TARGETS['false_grounding_rate']}: "
-             + (f"box threshold {safe['box_threshold']}, min_det_score {safe['min_det_score']}.\n" if safe else "none.\n"))
+             + (f"box threshold {safe['box_threshold']}, text threshold {safe['text_threshold']}, rules {safe['rules']}, "
+                f"min_det_score {safe['min_det_score']}.\n" if safe else "none.\n"))
     if result.get("colour_judge"):
         c = result["colour_judge"]
         text += (f"\nSame point, fake judge `--policy colour` (a stand-in visual judge, not a model): precision "
@@ -107,6 +114,16 @@ def markdown(result: dict) -> str:
                  f"{cell(c['false_grounding_rate'])}; {c['judge_requests']} requests, {c['prompt_tokens']} prompt + "
                  f"{c['completion_tokens']} completion tokens for {result['scenes']} scenes.\n")
     return text
+
+
+def _rules_settings(rules: str, plural_floor: float) -> list[str]:
+    if rules == "v1":
+        return ["adjudicate.exclusive_regions=false", "adjudicate.plural_min_det_score=null"]
+    return ["adjudicate.exclusive_regions=true", f"adjudicate.plural_min_det_score={plural_floor}"]
+
+
+def _setting(point: dict) -> dict:
+    return {k: point[k] for k in ("box_threshold", "text_threshold", "min_det_score", "rules")}
 
 
 def _machine() -> str:
@@ -123,8 +140,11 @@ def main(argv=None) -> int:
     ap.add_argument("--scenes", type=int, default=200)
     ap.add_argument("--scene-seed", type=int, default=SCENE_SEED)
     ap.add_argument("--box", type=float, nargs="+", default=[0.2, 0.3, 0.4], help="detect.box_threshold values")
-    ap.add_argument("--text", type=float, default=0.25, help="detect.text_threshold")
+    ap.add_argument("--text", type=float, nargs="+", default=[0.15, 0.25], help="detect.text_threshold values")
     ap.add_argument("--judge", type=float, nargs="+", default=[0.3, 0.45, 0.6], help="adjudicate.min_det_score values")
+    ap.add_argument("--rules", nargs="+", choices=["v2", "v1"], default=["v2", "v1"],
+                    help="v2: adjudicate.exclusive_regions and plural_min_det_score=--plural-floor; v1: neither")
+    ap.add_argument("--plural-floor", type=float, default=0.15, help="adjudicate.plural_min_det_score under rules v2")
     ap.add_argument("--colour-judge", action="store_true", help="also build the chosen point with the fake colour judge")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "labels-sweep.json"))
     args = ap.parse_args(argv)
@@ -132,24 +152,27 @@ def main(argv=None) -> int:
     jsonl, truth = write_scenes(tmp / "scenes", args.scenes, args.scene_seed)
     base = [f"input.path={jsonl}", f"detect.model={Path(args.detector).resolve()}",
             f"segment.model={Path(args.sam).resolve()}", "runtime.executor=local", "output.samples_per_shard=100",
-            f"detect.text_threshold={args.text}", "adjudicate.judge=rules",
+            "adjudicate.judge=rules",
             "adjudicate.min_mask_score=0.5", "adjudicate.min_mask_fill=0.1"]
     grid = []
     for box in args.box:
-        for judge in args.judge:
-            point = build_and_score(tmp / f"out-{box}-{judge}", base + [f"detect.box_threshold={box}",
-                                                                       f"adjudicate.min_det_score={judge}"], truth)
-            grid.append({"box_threshold": box, "min_det_score": judge, **point})
-            print(json.dumps({k: grid[-1][k] for k in ("box_threshold", "min_det_score", "precision", "recall",
-                                                       "false_grounding_rate", "build_seconds")}), flush=True)
+        for text in args.text:
+            for judge in args.judge:
+                for rules in args.rules:
+                    point = build_and_score(tmp / f"out-{box}-{text}-{judge}-{rules}", base + [
+                        f"detect.box_threshold={box}", f"detect.text_threshold={text}",
+                        f"adjudicate.min_det_score={judge}", *_rules_settings(rules, args.plural_floor)], truth)
+                    grid.append({"box_threshold": box, "text_threshold": text, "min_det_score": judge, "rules": rules,
+                                 **point})
+                    print(json.dumps({k: grid[-1][k] for k in (
+                        "box_threshold", "text_threshold", "min_det_score", "rules", "precision", "recall",
+                        "false_grounding_rate", "build_seconds")}), flush=True)
     chosen, safe = choose(grid), choose(grid, TARGETS["false_grounding_rate"])
     result = {"benchmark": "labels-sweep", "date": time.strftime("%Y-%m-%d"), "scenes": args.scenes,
               "scene_seed": args.scene_seed, "detector": args.detector, "sam": args.sam,
-              "text_threshold": args.text, "targets": TARGETS, "grid": grid,
-              "chosen": {"box_threshold": chosen["box_threshold"], "min_det_score": chosen["min_det_score"],
-                         "meets_targets": meets(chosen)},
-              "chosen_within_false_grounding": safe and {"box_threshold": safe["box_threshold"],
-                                                         "min_det_score": safe["min_det_score"]},
+              "plural_floor": args.plural_floor, "targets": TARGETS, "grid": grid,
+              "chosen": {**_setting(chosen), "meets_targets": meets(chosen)},
+              "chosen_within_false_grounding": safe and _setting(safe),
               "machine": _machine()}
     if args.colour_judge:
         from devkit.fake_judge_server import FakeJudgeServer
@@ -157,7 +180,8 @@ def main(argv=None) -> int:
         os.environ[KEY_ENV] = "sweep-not-a-secret"
         with FakeJudgeServer(policy="colour") as server:
             colour = build_and_score(tmp / "out-colour", base + [
-                f"detect.box_threshold={chosen['box_threshold']}", f"adjudicate.min_det_score={chosen['min_det_score']}",
+                f"detect.box_threshold={chosen['box_threshold']}", f"detect.text_threshold={chosen['text_threshold']}",
+                f"adjudicate.min_det_score={chosen['min_det_score']}", *_rules_settings(chosen["rules"], args.plural_floor),
                 "adjudicate.judge=openai", "adjudicate.model=fake-judge", f"adjudicate.base_url={server.url}",
                 f"adjudicate.api_key_env={KEY_ENV}", "adjudicate.visual=true"], truth)
         result["colour_judge"] = colour

@@ -71,6 +71,16 @@ class AdjudicateConfig(StageConfig):
     max_area_frac: float = Field(0.95, ge=0, le=1, description="rules: reject masks larger than this share of the image")
     top_k_singular: int = Field(1, ge=1, description="rules: accept at most this many regions for a singular phrase")
     top_k_plural: int = Field(4, ge=1, description="rules: accept at most this many regions for a plural phrase")
+    exclusive_regions: bool = Field(True, description="rules: within one text (the caption, one caption of a list, one "
+                                    "conversation turn) a region goes to one phrase: a candidate whose mask overlaps an "
+                                    "accepted, better-scoring region of another phrase is rejected (claimed_by_other_phrase) "
+                                    "and the phrase goes on to its next candidate. Phrases that may name the same thing "
+                                    "('a man' / 'the man': one's words within the other's) never compete. false = rules.v1")
+    plural_min_det_score: float | None = Field(None, ge=0, le=1, description=(
+        "rules: a plural phrase ('three cats') that has a region at min_det_score takes its other regions down to this "
+        "detector score (none = min_det_score for all)"))
+    exclusive_iou: float = Field(0.5, ge=0, le=1, description="rules: the mask IoU above which two phrases' regions are one "
+                                                             "object (exclusive_regions)")
 
     @field_validator("prompt")
     @classmethod

@@ -102,3 +102,80 @@ def test_rules_judge_is_deterministic():
     rec = _record(ents, regs)
     judge = RulesJudge(AdjudicateConfig())
     assert judge.judge(rec) == judge.judge(json.loads(json.dumps(rec)))
+
+
+def _entity_in(eid, phrase, start, turn=None, root=None, plural=False):
+    return {**_entity(eid, phrase, start, plural=plural), "turn": turn, "root": root or phrase.split()[-1]}
+
+
+def test_a_region_goes_to_one_phrase_of_a_text_and_the_loser_takes_its_next_candidate():
+    # "a red star" and "a blue star" both score the red star; the red star's own phrase scores it
+    # higher, so "a blue star" loses that region and keeps its second candidate (the blue star)
+    ents = [_entity_in(0, "a red star", 0), _entity_in(1, "a blue star", 15)]
+    red, blue = (0, 0, 30, 30), (50, 40, 90, 70)
+    regs = [_region(0, 0, red, det=0.6), _region(1, 1, red, det=0.5), _region(2, 1, blue, det=0.4)]
+    rec, log = _run(_record(ents, regs))
+    v = {r["id"]: r["verdict"] for r in rec["regions"]}
+    assert v[0]["accept"] and v[2]["accept"] and not v[1]["accept"]
+    assert v[1]["reason"].startswith("claimed_by_other_phrase") and "'a red star'" in v[1]["reason"]
+    assert v[0]["prompt"] == "rules.v2"
+    assert rec["entities"][1]["regions"] == [2]
+    # off: the old rules (rules.v1), both phrases on the red star
+    rec, _ = _run(_record(ents, regs), exclusive_regions=False)
+    v = {r["id"]: r["verdict"] for r in rec["regions"]}
+    assert v[0]["accept"] and v[1]["accept"] and not v[2]["accept"] and v[0]["prompt"] == "rules.v1"
+
+
+def test_a_phrase_naming_nothing_loses_the_object_another_phrase_names():
+    ents = [_entity_in(0, "a red star", 0), _entity_in(1, "a purple circle", 15)]
+    regs = [_region(0, 0, (0, 0, 30, 30), det=0.6), _region(1, 1, (2, 0, 30, 30), det=0.45)]
+    rec, _ = _run(_record(ents, regs))
+    assert [e["status"] for e in rec["entities"]] == ["grounded", "rejected"]
+    assert rec["entities"][1]["reason"] == "all_candidates_rejected: claimed_by_other_phrase"
+
+
+def test_phrases_that_may_name_the_same_thing_or_other_turns_do_not_compete():
+    box = (0, 0, 30, 30)
+    for a, b, turns in [("a man", "the man", (None, None)),                   # same words
+                        ("two green triangles", "the green triangles", (None, None)),
+                        ("a circle", "the large red circle", (None, None)),  # one's words within the other's
+                        ("a red star", "a blue star", (None, 1)),             # another text: no competition
+                        ("a red star", "a blue star", (0, 1))]:
+        ents = [_entity_in(0, a, 0, turn=turns[0]), _entity_in(1, b, 20, turn=turns[1])]
+        verdicts = RulesJudge(AdjudicateConfig()).judge(_record(ents, [_region(0, 0, box, det=0.6),
+                                                                       _region(1, 1, box, det=0.5)]))
+        assert [verdicts[i]["accept"] for i in (0, 1)] == [True, True], (a, b, turns)
+    # a lemma root: "ellipses" (root "ellipse") and "an ellipse" may be the same thing
+    ents = [_entity_in(0, "two ellipses", 0, root="ellipse", plural=True), _entity_in(1, "an ellipse", 20)]
+    rec, _ = _run(_record(ents, [_region(0, 0, box, det=0.6), _region(1, 1, box, det=0.5)]))
+    assert [r["verdict"]["accept"] for r in rec["regions"]] == [True, True]
+
+
+def test_claims_need_overlapping_masks():
+    ents = [_entity_in(0, "a red star", 0), _entity_in(1, "a blue star", 15)]
+    regs = [_region(0, 0, (0, 0, 30, 30), det=0.6), _region(1, 1, (20, 0, 50, 30), det=0.5)]   # IoU 0.2
+    rec, _ = _run(_record(ents, regs))
+    assert all(r["verdict"]["accept"] for r in rec["regions"])
+    rec, _ = _run(_record(ents, regs), exclusive_iou=0.1)
+    assert [r["verdict"]["accept"] for r in rec["regions"]] == [True, False]
+
+
+
+def test_a_plural_phrase_takes_its_further_instances_at_the_plural_floor():
+    # "two cats": one confident box (0.5) and one weaker (0.25); a floor of 0.3 alone would keep one
+    # cat and the label would cover half the group
+    ents = [_entity_in(0, "two cats", 0, plural=True), _entity_in(1, "a dog", 20)]
+    regs = [_region(0, 0, (0, 0, 20, 20), det=0.5), _region(1, 0, (40, 0, 60, 20), det=0.25),
+            _region(2, 0, (70, 0, 90, 20), det=0.1), _region(3, 1, (0, 40, 20, 60), det=0.25)]
+    rec, _ = _run(_record(ents, regs), min_det_score=0.3)
+    assert [r["verdict"]["accept"] for r in rec["regions"]] == [True, False, False, False]
+    rec, _ = _run(_record(ents, regs), min_det_score=0.3, plural_min_det_score=0.2)
+    v = [r["verdict"] for r in rec["regions"]]
+    assert [x["accept"] for x in v] == [True, True, False, False]
+    assert v[2]["reason"] == "low_det_score: 0.10 < 0.20 (plural floor)"
+    assert v[3]["reason"].startswith("low_det_score: 0.25 < 0.30")      # a singular phrase: the floor
+    # no confident region: the plural floor does not apply
+    regs[0]["det_score"] = 0.28
+    rec, _ = _run(_record(ents, regs), min_det_score=0.3, plural_min_det_score=0.2)
+    assert not any(r["verdict"]["accept"] for r in rec["regions"])
+    assert rec["entities"][0]["status"] == "rejected"

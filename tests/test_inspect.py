@@ -64,7 +64,7 @@ def test_report_agrees_with_stats_json(report, sample_out):
     judge = report["judge"]
     assert judge["regions"] == stats["regions"] and judge["errors_total"] == 0 and judge["errors"] == []
     [rules] = judge["by_model"]
-    assert (rules["model"], rules["prompt"]) == ("rules", "rules.v1")
+    assert (rules["model"], rules["prompt"]) == ("rules", "rules.v2")
     assert set(rules["latency_ms"]) == {"mean", "p50", "p95", "max"}
 
     worst = report["worst_shards"]

@@ -111,7 +111,7 @@ def test_fsspec_local_destination_card_and_load_dataset(out, tmp_path, capsys, s
     resolved = yaml.safe_load((out / "manifest.resolved.yaml").read_text())
     for rev in (resolved["resolved"]["detector_revision"], resolved["resolved"]["segmenter_revision"]):
         assert f"(revision `{rev}`)" in body
-    assert "prompt version `rules.v1`" in body
+    assert "prompt version `rules.v2`" in body
     manifest_block = body.split("```yaml\n", 1)[1].split("```", 1)[0]
     assert yaml.safe_load(manifest_block) == resolved
     assert "randomly initialised" in body
