@@ -2,7 +2,7 @@
 models under models/, and its labels mean something: against the sample's truth.jsonl it grounds
 far better than the same inputs through the random tiny models (manifests/sample-random.yaml,
 the session's ``sample_out``). Bounds: the 150-scene sweep of bench/results/labels-sweep.json
-gave F1 0.775 at these thresholds; the sample's ~32 named phrases carry about ±0.08."""
+gave F1 0.828 at these thresholds; the sample's ~32 named phrases carry about ±0.08."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,12 @@ def test_sample_manifest_uses_the_trained_models_and_the_sweeps_choice():
     assert manifest["segment"]["model"] == "models/shapes-sam"
     chosen = json.loads((REPO / "bench" / "results" / "labels-sweep.json").read_text())["chosen"]
     assert manifest["detect"]["box_threshold"] == chosen["box_threshold"]
+    assert manifest["detect"]["text_threshold"] == chosen["text_threshold"]
     assert manifest["adjudicate"]["min_det_score"] == chosen["min_det_score"]
+    sweep = json.loads((REPO / "bench" / "results" / "labels-sweep.json").read_text())
+    if chosen["rules"] == "v2":     # the sweep's rules.v2: exclusive regions (the default) and its plural floor
+        assert manifest["adjudicate"].get("exclusive_regions", True) is True
+        assert manifest["adjudicate"]["plural_min_det_score"] == sweep["plural_floor"]
     assert manifest["adjudicate"]["judge"] == "rules"
 
 
