@@ -693,7 +693,10 @@ def test_sample_build_with_llm_judge_from_the_command_line(server_factory, sampl
     assert judge["errors_by_kind"] == {"server_error": judge["retries"]} and judge["failed_requests_by_kind"] == {}
     assert judge["latency_ms"]["p50"] is not None and judge["prompt_tokens"] > 0
     logs = [r for p in sorted((out / "logs").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
-    assert logs and {r["decided_by"] for r in logs} == {"llm"} and stats["regions"] == len(logs)
+    # every candidate went to the LLM; the one-phrase-per-region rule may then reject an accepted one
+    assert logs and stats["regions"] == len(logs)
+    assert {r["decided_by"] for r in logs if not r["reason"].startswith("claimed_by_other_phrase")} == {"llm"}
+    assert all("llm_accept" in r["reason"] for r in logs if r["decided_by"] == "rules")
     resolved = (out / "manifest.resolved.yaml").read_text()
     assert f"judge_prompt_hash: {load_prompt('judge.v1').hash}" in resolved and SECRET not in resolved
 
@@ -725,8 +728,28 @@ def test_ray_plan_with_llm_judge_actor_pool(server_factory, sample_manifest_args
 
     def verdict_table(out):
         rows = [r for p in sorted((out / "logs").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
-        return sorted((r["key"], r["region"], r["accept"], r["decided_by"]) for r in rows)
+        return sorted((r["key"], r["region"], r["accept"], r["decided_by"], r["reason"].split(":")[0]) for r in rows)
 
     local, ray_rows = verdict_table(outs["local"]), verdict_table(outs["ray"])
     assert ray_rows and len(ray_rows) == len(local)
-    assert {r[3] for r in ray_rows} == {"llm"}
+    assert {r[3] for r in ray_rows if r[4] != "claimed_by_other_phrase"} == {"llm"}
+
+
+def test_one_phrase_per_region_holds_after_the_llm_too(server_factory):
+    # the score policy accepts each phrase's best box; both boxes of "a red star" and "a blue star"
+    # are the same object, so the lower one is claimed (the rule, not the LLM, decides it)
+    caption = "a red star and a blue star"
+    rec = new_record("s-claim", {"dataset": "t", "id": "claim"}, W, H, "9" * 64, {"caption": caption})
+    rec["entities"] = [_entity(0, caption, "a red star"), _entity(1, caption, "a blue star")]
+    rec["regions"] = [_region(0, 0, (0, 0, 30, 30), 0.6), _region(1, 1, (2, 0, 30, 30), 0.5),
+                      _region(2, 1, (60, 40, 110, 80), 0.3)]
+    server = server_factory()
+    recs, logs, _ = run(config(server), [rec])
+    v = verdicts(recs[0])
+    assert v[0]["accept"] and not v[1]["accept"] and not v[2]["accept"]
+    assert v[1]["reason"].startswith("claimed_by_other_phrase") and "llm_accept" in v[1]["reason"]
+    assert [e["status"] for e in recs[0]["entities"]] == ["grounded", "rejected"]
+    row = next(r for r in logs[0] if r["region"] == 1)
+    assert row["decided_by"] == "rules" and row["prompt_tokens"] > 0    # the request's tokens stay counted
+    recs, _, _ = run(config(server, exclusive_regions=False), [rec])
+    assert [v["accept"] for v in verdicts(recs[0]).values()] == [True, True, False]

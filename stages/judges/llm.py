@@ -36,7 +36,7 @@ from stages.judges.draw import draw_candidates
 from stages.judges.limits import Limiter, estimate_tokens, local_limiter
 from stages.judges.prompt import Prompt, build_payload, load_prompt, payload_json
 from stages.judges.reply import ReplyError, parse_reply, reply_schema
-from stages.judges.rules import RULES_VERSION, RulesJudge
+from stages.judges.rules import RULES_VERSION, RulesJudge, settle_claims
 
 log = logging.getLogger("lookandlearn.judge")
 
@@ -126,7 +126,9 @@ class OpenAIJudge:
         self._inflight: dict[str, asyncio.Future] = {}
         # the CPU work first (rules, payloads, cache look-ups), then only the waiting on the network
         questions = [self._prepare(r, im) for r, im in zip(records, images)]
-        return await asyncio.gather(*(self._answer(q) for q in questions))
+        answers = await asyncio.gather(*(self._answer(q) for q in questions))
+        # one phrase per region holds whoever judged (the LLM sees each candidate on its own)
+        return [settle_claims(r, v, self.config) if r["regions"] else v for r, v in zip(records, answers)]
 
     # -- one sample --
     def _verdict(self, accept: bool, reason: str, **extra) -> dict:

@@ -164,3 +164,30 @@ class RulesJudge:
             if iou > threshold:
                 return other, float(iou)
         return None
+
+
+def settle_claims(record: dict, verdicts: dict[int, dict], config) -> dict[int, dict]:
+    """One phrase per region for any judge's verdicts (the LLM judge judges each candidate on its
+    own): accepted regions taken best first (``det_score * mask_score``); one whose mask overlaps
+    (IoU > ``exclusive_iou``) an accepted region of a competing phrase of the same text is turned
+    into a rejection, ``claimed_by_other_phrase`` (``decided_by: rules``), the judge's own reason
+    kept after it. Returns the verdicts (changed ones copied); as given with ``exclusive_regions`` off."""
+    if not config.exclusive_regions:
+        return verdicts
+    entities = {e["id"]: e for e in record["entities"]}
+    accepted = sorted((r for r in record["regions"] if verdicts.get(r["id"], {}).get("accept") and r.get("mask_rle")),
+                      key=lambda r: (-(r["det_score"] * (r.get("mask_score") or 0.0)), r["id"]))
+    kept: dict[int, list[dict]] = {}
+    out = dict(verdicts)
+    judge = RulesJudge(config)
+    for region in accepted:
+        entity = entities[region["entity"]]
+        claim = judge._claimed_by(region, entity, entities, kept)
+        if claim is None:
+            kept.setdefault(entity["id"], []).append(region)
+            continue
+        other, iou = claim
+        out[region["id"]] = {**verdicts[region["id"]], "accept": False, "decided_by": "rules", "reason": (
+            f"claimed_by_other_phrase: IoU {iou:.2f} with region {other['id']} of '{entities[other['entity']]['phrase']}'"
+            f"; {verdicts[region['id']]['reason']}")}
+    return out
