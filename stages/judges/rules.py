@@ -81,11 +81,11 @@ class RulesJudge:
 
     def _region_problem(self, region: dict, image_area: int, floor: float | None = None) -> str | None:
         c = self.config
-        if floor is not None and floor < c.min_det_score:
-            if region["det_score"] < floor:
-                return f"low_det_score: {region['det_score']:.2f} < {floor:.2f} (plural floor)"
-        elif region["det_score"] < c.min_det_score:
-            return f"low_det_score: {region['det_score']:.2f} < {c.min_det_score:.2f}"
+        threshold, which = c.min_det_score, ""
+        if floor is not None and floor < threshold:
+            threshold, which = floor, " (plural floor)"
+        if region["det_score"] < threshold:
+            return f"low_det_score: {region['det_score']:.2f} < {threshold:.2f}{which}"
         if region.get("mask_rle") is None:
             return "no_mask"
         if region["mask_score"] < c.min_mask_score:
@@ -128,14 +128,11 @@ class RulesJudge:
         for region in survivors:
             entity = entities[region["entity"]]
             mine = accepted.setdefault(entity["id"], [])
-            claim = self._claimed_by(region, entity, entities, accepted) if c.exclusive_regions else None
-            duplicate_of = None if claim else self._overlapping(region, mine, self.duplicate_iou)
+            claim = _claimed_by(region, entity, entities, accepted, c.exclusive_iou) if c.exclusive_regions else None
+            duplicate_of = None if claim else _overlapping(region, mine, self.duplicate_iou)
             limit = c.top_k_plural if entity.get("plural") else c.top_k_singular
             if claim is not None:
-                other, iou = claim
-                verdicts[region["id"]] = verdict(False, (
-                    f"claimed_by_other_phrase: IoU {iou:.2f} with region {other['id']} of "
-                    f"'{entities[other['entity']]['phrase']}' (det*mask {other['det_score'] * other['mask_score']:.2f})"))
+                verdicts[region["id"]] = verdict(False, _claim_reason(claim, entities))
             elif duplicate_of is not None:
                 verdicts[region["id"]] = verdict(False, f"duplicate_mask: IoU > {self.duplicate_iou} with region "
                                                         f"{duplicate_of[0]['id']}")
@@ -148,22 +145,32 @@ class RulesJudge:
                 verdicts[region["id"]] = verdict(True, f"passes_rules: rank {len(mine)}, det*mask {score:.2f}")
         return verdicts
 
-    def _claimed_by(self, region: dict, entity: dict, entities: dict, accepted: dict) -> tuple[dict, float] | None:
-        rivals = [r for eid, regions in accepted.items() if eid != entity["id"]
-                  and _text_of(entities[eid]) == _text_of(entity) and not may_corefer(entities[eid], entity)
-                  for r in regions]
-        return self._overlapping(region, rivals, self.config.exclusive_iou)
 
-    @staticmethod
-    def _overlapping(region: dict, others: list[dict], threshold: float) -> tuple[dict, float] | None:
-        """The first of ``others`` whose mask has IoU > ``threshold`` with the region's, and that IoU."""
-        if not others:
-            return None
-        ious = rle.iou([region["mask_rle"]], [o["mask_rle"] for o in others])
-        for other, iou in zip(others, ious[0]):
-            if iou > threshold:
-                return other, float(iou)
+def _overlapping(region: dict, others: list[dict], threshold: float) -> tuple[dict, float] | None:
+    """The first of ``others`` whose mask has IoU > ``threshold`` with the region's, and that IoU."""
+    if not others:
         return None
+    ious = rle.iou([region["mask_rle"]], [o["mask_rle"] for o in others])
+    for other, iou in zip(others, ious[0]):
+        if iou > threshold:
+            return other, float(iou)
+    return None
+
+
+def _claimed_by(region: dict, entity: dict, entities: dict, accepted: dict[int, list[dict]],
+                threshold: float) -> tuple[dict, float] | None:
+    """The accepted region of a competing phrase (same text, may not corefer) that this one overlaps."""
+    rivals = [r for eid, regions in accepted.items() if eid != entity["id"]
+              and _text_of(entities[eid]) == _text_of(entity) and not may_corefer(entities[eid], entity)
+              for r in regions]
+    return _overlapping(region, rivals, threshold)
+
+
+def _claim_reason(claim: tuple[dict, float], entities: dict) -> str:
+    other, iou = claim
+    score = other["det_score"] * (other.get("mask_score") or 0.0)
+    return (f"claimed_by_other_phrase: IoU {iou:.2f} with region {other['id']} of "
+            f"'{entities[other['entity']]['phrase']}' (det*mask {score:.2f})")
 
 
 def settle_claims(record: dict, verdicts: dict[int, dict], config) -> dict[int, dict]:
@@ -179,15 +186,12 @@ def settle_claims(record: dict, verdicts: dict[int, dict], config) -> dict[int, 
                       key=lambda r: (-(r["det_score"] * (r.get("mask_score") or 0.0)), r["id"]))
     kept: dict[int, list[dict]] = {}
     out = dict(verdicts)
-    judge = RulesJudge(config)
     for region in accepted:
         entity = entities[region["entity"]]
-        claim = judge._claimed_by(region, entity, entities, kept)
+        claim = _claimed_by(region, entity, entities, kept, config.exclusive_iou)
         if claim is None:
             kept.setdefault(entity["id"], []).append(region)
             continue
-        other, iou = claim
-        out[region["id"]] = {**verdicts[region["id"]], "accept": False, "decided_by": "rules", "reason": (
-            f"claimed_by_other_phrase: IoU {iou:.2f} with region {other['id']} of '{entities[other['entity']]['phrase']}'"
-            f"; {verdicts[region['id']]['reason']}")}
+        out[region["id"]] = {**verdicts[region["id"]], "accept": False, "decided_by": "rules",
+                             "reason": f"{_claim_reason(claim, entities)}; {verdicts[region['id']]['reason']}"}
     return out
