@@ -3,9 +3,11 @@ detector score trade precision, recall and false grounding, measured against exa
 
 Inputs: N held-out scenes of the one scene generator (``devkit/scenes.py``, stream ``test``, a seed
 that neither the sample nor the small models' training used), written as a ``jsonl`` input with
-``truth.jsonl`` beside it. Each grid point is a whole ``lookandlearn build`` of those scenes
-(local executor, in this process) with the given detector and SAM folders, then ``lookandlearn
-evaluate labels`` against the truth: entity precision, recall, F1 (correct = mask IoU >= 0.5),
+``truth.jsonl`` beside it. Each detector setting (box x text threshold) is one whole ``lookandlearn
+build`` of those scenes (local executor, in this process) with the given detector and SAM folders;
+each judge setting re-judges that build's records in memory (:func:`rejudge`: the rules judge and
+the adjudicate stage's ``finalize``, as the build would have run them; detection and segmentation
+do not depend on the judge), then ``lookandlearn evaluate labels`` against the truth: entity precision, recall, F1 (correct = mask IoU >= 0.5),
 mean IoU, and the false-grounding rate on phrases that name nothing in the image. With
 ``--rules v2 v1`` each point is built with the rules judge's rules.v2 (one phrase per region of a
 text, ``adjudicate.exclusive_regions``; a plural phrase's further instances at
@@ -66,7 +68,41 @@ def build_and_score(out: Path, sets: list[str], truth: Path) -> dict:
     return {**report["overall"], "build_seconds": round(seconds, 1), "samples_out": stats["samples_out"],
             "judge_requests": judge.get("requests", 0), "prompt_tokens": judge.get("prompt_tokens", 0),
             "completion_tokens": judge.get("completion_tokens", 0),
-            "by_status": {r["status"]: r for r in report["by_status"]} if report.get("by_status") else {}}
+            "by_status": _by_status(report)}
+
+
+def _by_status(report: dict) -> dict:
+    return {r["status"]: r for r in report["by_status"]} if report.get("by_status") else {}
+
+
+def rejudge(records: dict[str, dict], sets: list[str]) -> dict[str, dict]:
+    """The records as a build with the rules judge at ``sets`` would have written them: copies with
+    the verdicts and entity statuses redone (what detection and segmentation give does not depend
+    on the judge's settings, so one build per detector setting serves every judge setting)."""
+    import copy
+
+    from pipeline.manifest import load_manifest
+    from stages.adjudicate import finalize
+    from stages.judges.rules import RulesJudge
+
+    config = load_manifest(REPO / "manifests" / "sample.yaml", sets).adjudicate
+    if config.judge != "rules":
+        raise ValueError(f"rejudge: the rules judge only (adjudicate.judge={config.judge})")
+    judge, out = RulesJudge(config), {}
+    for key, record in records.items():
+        record = copy.deepcopy(record)
+        finalize(record, judge.judge(record) if record["regions"] else {})
+        out[key] = record
+    return out
+
+
+def rejudge_and_score(out: Path, records: tuple[dict, dict], sets: list[str], truth: Path) -> dict:
+    """A grid point's figures from a finished build's records re-judged at ``sets`` (:func:`rejudge`)."""
+    from pipeline.evaluate_labels import evaluate_labels
+
+    stored, counts = records
+    report = evaluate_labels(out, truth, records=(rejudge(stored, sets), counts))
+    return {**report["overall"], "samples_out": len(stored), "by_status": _by_status(report)}
 
 
 def meets(point: dict) -> bool:
@@ -134,6 +170,8 @@ def _machine() -> str:
 
 
 def main(argv=None) -> int:
+    from pipeline.evaluate_labels import read_records
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--detector", required=True)
     ap.add_argument("--sam", required=True)
@@ -157,13 +195,17 @@ def main(argv=None) -> int:
     grid = []
     for box in args.box:
         for text in args.text:
+            # one build per detector setting; each judge setting re-judges its records (rejudge)
+            out = tmp / f"out-{box}-{text}"
+            detector = base + [f"detect.box_threshold={box}", f"detect.text_threshold={text}"]
+            built = build_and_score(out, detector, truth)
+            records = read_records(out)
             for judge in args.judge:
                 for rules in args.rules:
-                    point = build_and_score(tmp / f"out-{box}-{text}-{judge}-{rules}", base + [
-                        f"detect.box_threshold={box}", f"detect.text_threshold={text}",
+                    point = rejudge_and_score(out, records, detector + [
                         f"adjudicate.min_det_score={judge}", *_rules_settings(rules, args.plural_floor)], truth)
                     grid.append({"box_threshold": box, "text_threshold": text, "min_det_score": judge, "rules": rules,
-                                 **point})
+                                 "build_seconds": built["build_seconds"], **point})
                     print(json.dumps({k: grid[-1][k] for k in (
                         "box_threshold", "text_threshold", "min_det_score", "rules", "precision", "recall",
                         "false_grounding_rate", "build_seconds")}), flush=True)

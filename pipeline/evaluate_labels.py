@@ -90,16 +90,22 @@ def _match(truth: list[TruthEntity], entities: list[dict]) -> list[tuple[dict | 
     return out
 
 
-def score_rows(out: str | Path, truth: dict[str, list[TruthEntity]], iou: float = 0.5) -> tuple[list[dict], dict]:
-    """One row per truth entity (status, root, band, decision, grounded, iou, correct) and counts."""
+def read_records(out: str | Path) -> tuple[dict[str, dict], dict]:
+    """The records of a build's complete shards by sample key, and the shard counts."""
     files, incomplete = shard_files(out)
-    records: dict[str, dict] = {}
+    records = {record["key"]: record for f in files.values() for record, _, _ in iter_records(f["tar"])}
+    return records, {"shards": len(files), "incomplete_shards": len(incomplete)}
+
+
+def score_rows(out: str | Path, truth: dict[str, list[TruthEntity]], iou: float = 0.5,
+               records: tuple[dict[str, dict], dict] | None = None) -> tuple[list[dict], dict]:
+    """One row per truth entity (status, root, band, decision, grounded, iou, correct) and counts;
+    ``records``: :func:`read_records`'s answer when the caller has it (e.g. re-judged in memory)."""
+    records, shard_counts = records or read_records(out)
     by_source: dict[str, list[str]] = defaultdict(list)
-    for f in files.values():
-        for record, _, _ in iter_records(f["tar"]):
-            records[record["key"]] = record
-            by_source[str((record.get("source") or {}).get("id"))].append(record["key"])
-    rows, counts = [], Counter(truth_lines=len(truth), shards=len(files), incomplete_shards=len(incomplete))
+    for key, record in records.items():
+        by_source[str((record.get("source") or {}).get("id"))].append(key)
+    rows, counts = [], Counter(truth_lines=len(truth), **shard_counts)
     for ident, entities in truth.items():
         keys = [ident] if ident in records else by_source.get(ident, [])
         if len(keys) > 1:
@@ -185,11 +191,11 @@ def _by(rows: list[dict], field: str, top: int = 0) -> list[dict]:
 
 
 def evaluate_labels(out: str | Path, truth: dict[str, list[TruthEntity]] | str | Path, iou: float = 0.5,
-                    top: int = 20) -> dict:
-    """The whole report, JSON-ready."""
+                    top: int = 20, records: tuple[dict[str, dict], dict] | None = None) -> dict:
+    """The whole report, JSON-ready (``records``: see :func:`score_rows`)."""
     if not isinstance(truth, dict):
         truth = read_truth(truth)
-    rows, counts = score_rows(out, truth, iou)
+    rows, counts = score_rows(out, truth, iou, records)
     return {"out": str(out), "iou_threshold": iou, "counts": counts, "overall": summarise(rows),
             "iou_distribution": _distribution(rows),
             "by_status": _by(rows, "status"), "by_root": _by(rows, "root", top), "by_det_score": _by(rows, "band"),

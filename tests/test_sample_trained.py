@@ -29,7 +29,7 @@ def test_sample_manifest_uses_the_trained_models_and_the_sweeps_choice():
 
 
 def test_trained_sample_grounds_what_the_truth_says(sample_jsonl, sample_out, tmp_path, monkeypatch):
-    from pipeline.evaluate_labels import evaluate_labels
+    from pipeline.evaluate_labels import evaluate_labels, read_records
     from pipeline.manifest import load_manifest
     from pipeline.runner import build
 
@@ -43,3 +43,25 @@ def test_trained_sample_grounds_what_the_truth_says(sample_jsonl, sample_out, tm
     assert trained["names_something"] >= 25
     assert trained["f1"] >= 0.5 and trained["precision"] >= 0.5 and trained["mean_iou"] >= 0.5
     assert (random["f1"] or 0.0) <= trained["f1"] - 0.3
+
+    # the labels sweep re-judges one build per detector setting in memory: at the build's own
+    # settings that gives back exactly the records the build wrote
+    sweep = _labels_sweep()
+    records, counts = read_records(out)
+    sets = [f"input.path={sample_jsonl}"]
+    again = sweep.rejudge(records, sets)
+    assert again == records
+    assert any(r["regions"] for r in records.values())
+    stricter = sweep.rejudge(records, sets + ["adjudicate.min_det_score=0.99"])
+    assert all(not r["verdict"]["accept"] for rec in stricter.values() for r in rec["regions"])
+    assert evaluate_labels(out, truth, records=(stricter, counts))["overall"]["grounded"] == 0
+    assert evaluate_labels(out, truth, records=(again, counts))["overall"] == trained
+
+
+def _labels_sweep():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("labels_sweep", REPO / "bench" / "labels_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
