@@ -45,7 +45,7 @@ def add_devkit_parsers(sub, parser_class) -> None:
                                                 "generated shape scenes (models/; README 'Small trained models')")
     small_sub = small.add_subparsers(dest="small-models_command", required=True, parser_class=parser_class)
     sm_train = small_sub.add_parser("train", help="train from scratch by the seeded recipe (devkit/small_models.py; "
-                                                  "both at once, ~55 min on 2 CPU cores), evaluate on held-out scenes, write model cards")
+                                                  "both at once, ~50 min on 2 CPU cores), evaluate on held-out scenes, write model cards")
     sm_train.add_argument("out", metavar="OUT", help="folder for shapes-sam/ and shapes-grounding-dino/ (e.g. models)")
     sm_train.add_argument("--only", choices=["sam", "detector"], help="train one of the two")
     sm_train.add_argument("--steps", type=int, help="training steps (default: the recipe's)")

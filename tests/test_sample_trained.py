@@ -1,8 +1,10 @@
 """manifests/sample.yaml (`make build-dataset`) builds the offline sample with the small TRAINED
 models under models/, and its labels mean something: against the sample's truth.jsonl it grounds
 far better than the same inputs through the random tiny models (manifests/sample-random.yaml,
-the session's ``sample_out``). Bounds: the 150-scene sweep of bench/results/labels-sweep.json
-gave F1 0.828 at these thresholds; the sample's ~32 named phrases carry about ±0.08."""
+the session's ``sample_out``). Bounds: the 600-scene sweep of bench/results/labels-sweep.json
+gave precision 0.952, F1 0.906 and 1 false grounding in 149 at these thresholds; the sample's 32
+named phrases carry about ±0.07 (measured on the sample 2026-12-07: 0.857, 0.800, 0 of 5), and the
+bounds sit about 3 standard errors below the sweep."""
 from __future__ import annotations
 
 import json
@@ -41,7 +43,8 @@ def test_trained_sample_grounds_what_the_truth_says(sample_jsonl, sample_out, tm
     trained = evaluate_labels(out, truth)["overall"]
     random = evaluate_labels(sample_out, truth)["overall"]
     assert trained["names_something"] >= 25
-    assert trained["f1"] >= 0.5 and trained["precision"] >= 0.5 and trained["mean_iou"] >= 0.5
+    assert trained["f1"] >= 0.7 and trained["precision"] >= 0.75 and trained["mean_iou"] >= 0.7
+    assert trained["false_grounded"] <= 1
     assert (random["f1"] or 0.0) <= trained["f1"] - 0.3
 
     # the labels sweep re-judges one build per detector setting in memory: at the build's own
