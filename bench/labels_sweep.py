@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -56,14 +55,20 @@ def write_scenes(folder: Path, n: int, seed: int = SCENE_SEED) -> tuple[Path, Pa
     return jsonl, truth_path
 
 
-def build_and_score(out: Path, sets: list[str], truth: Path) -> dict:
-    from pipeline.evaluate_labels import evaluate_labels
+def build_timed(out: Path, sets: list[str]) -> tuple[dict, float]:
+    """One ``lookandlearn build`` of the sample manifest with ``sets`` into ``out``: (stats, seconds)."""
     from pipeline.manifest import load_manifest
     from pipeline.runner import build
 
     started = time.perf_counter()
     stats = build(load_manifest(REPO / "manifests" / "sample.yaml", sets, out=str(out)), progress=False)
-    seconds = time.perf_counter() - started
+    return stats, time.perf_counter() - started
+
+
+def build_and_score(out: Path, sets: list[str], truth: Path) -> dict:
+    from pipeline.evaluate_labels import evaluate_labels
+
+    stats, seconds = build_timed(out, sets)
     report = evaluate_labels(out, truth)
     judge = stats.get("judge") or {}
     return {**report["overall"], "build_seconds": round(seconds, 1), "samples_out": stats["samples_out"],
@@ -111,13 +116,14 @@ def meets(point: dict) -> bool:
         and (point["false_grounding_rate"] or 0) <= TARGETS["false_grounding_rate"]
 
 
-def wilson(k: int, n: int, z: float = 2.0) -> tuple[float, float]:
-    """Wilson score interval of k successes in n at z standard errors (sane at k = 0 or n)."""
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """Wilson score interval of k successes in n at 2 standard errors (95.45%; sane at k = 0 or n)."""
+    from scipy.stats import binomtest
+
     if not n:
         return 0.0, 1.0
-    p, zz = k / n, z * z
-    centre, half = p + zz / (2 * n), z * math.sqrt(p * (1 - p) / n + zz / (4 * n * n))
-    return (centre - half) / (1 + zz / n), (centre + half) / (1 + zz / n)
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.9545, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def meets_surely(point: dict) -> bool:
@@ -221,14 +227,14 @@ def main(argv=None) -> int:
             # one build per detector setting; each judge setting re-judges its records (rejudge)
             out = tmp / f"out-{box}-{text}"
             detector = base + [f"detect.box_threshold={box}", f"detect.text_threshold={text}"]
-            built = build_and_score(out, detector, truth)
+            _, seconds = build_timed(out, detector)
             records = read_records(out)
             for judge in args.judge:
                 for rules in args.rules:
                     point = rejudge_and_score(out, records, detector + [
                         f"adjudicate.min_det_score={judge}", *_rules_settings(rules, args.plural_floor)], truth)
                     grid.append({"box_threshold": box, "text_threshold": text, "min_det_score": judge, "rules": rules,
-                                 "build_seconds": built["build_seconds"], **point})
+                                 "build_seconds": round(seconds, 1), **point})
                     print(json.dumps({k: grid[-1][k] for k in (
                         "box_threshold", "text_threshold", "min_det_score", "rules", "precision", "recall",
                         "false_grounding_rate", "build_seconds")}), flush=True)
