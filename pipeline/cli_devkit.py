@@ -32,6 +32,9 @@ def add_devkit_parsers(sub, parser_class) -> None:
     shapes.add_argument("--labels", nargs="+", choices=["exact", "pseudo"], default=None, metavar="KIND",
                         help="training masks of the λ > 0 arms, one arm each: exact (the generator's; default) and/or "
                              "pseudo (the engine's own through manifests/sample.yaml: trained small models, rules judge)")
+    shapes.add_argument("--answers", choices=["word", "sentence"], default=None,
+                        help="the reply to a question: the answer word alone (default), or a sentence that names "
+                             "its subject first ('the circle is red.'), those phrases grounded with their masks")
     shapes.add_argument("--quick", action="store_true",
                         help="the reduced setting of the test suite (64 px scenes, 300 steps, fewer held-out items)")
     shapes.add_argument("--sweep", action="store_true",

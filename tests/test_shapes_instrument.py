@@ -65,13 +65,55 @@ def test_caption_entities_are_the_shapes_with_their_masks():
             assert text[ent["start"]: ent["end"]] == ent["phrase"] == T.phrase(T.objects(sc)[inst.id])
             (region,) = [r for r in rec["regions"] if r["id"] in ent["regions"]]
             assert (rle.decode(region["mask_rle"]) == inst.mask).all()
-        qtype, qtext, answer = T.question(T.objects(sc), T.question_rng(1, "val", i))
-        q = T.question_record(f"k{i}q", sc, qtype, qtext, answer)
+        qtype, qtext, answer, named = T.question(T.objects(sc), T.question_rng(1, "val", i))
+        q = T.question_record(f"k{i}q", sc, qtype, qtext, answer, named)
         assert q["text"]["conversations"][1]["value"] == answer and q["question"]["type"] == qtype
+        assert q["entities"] == [] and q["question"]["answer_start"] == 0
     # deterministic by (seed, split, index); splits differ
     assert T.question(T.objects(T.scene(0, "train", 3)), T.question_rng(0, "train", 3)) == \
         T.question(T.objects(T.scene(0, "train", 3)), T.question_rng(0, "train", 3))
     assert not np.array_equal(T.scene(0, "train", 0).image, T.scene(0, "test", 0).image)
+
+
+def test_sentence_replies_name_their_subject_and_never_give_the_answer_away():
+    """--answers sentence: "the circle is red." The answer word sits at answer_start (one token of
+    the tiny tokenizer, after the tokens before it), the phrases of the reply are turn-1 entities
+    with the masks of the objects the question names, and what comes before the answer depends
+    on the question alone (the same for every answer: teacher forcing cannot leak it)."""
+    from devkit.tiny_vlms import build_tokenizer
+    from stages.record import rle
+
+    tok = build_tokenizer("llava")
+    prefixes: dict[str, set] = {}
+    answers: dict[str, set] = {}
+    types = set()
+    for i in range(120):
+        sc = T.scene(0, "train", i, size=64)
+        objs = T.objects(sc)
+        qtype, qtext, answer, named = T.question(objs, T.question_rng(0, "train", i))
+        q = T.question_record(f"k{i}q", sc, qtype, qtext, answer, named, form="sentence")
+        reply = q["text"]["conversations"][1]["value"]
+        start = q["question"]["answer_start"]
+        assert reply[start:].split()[0].rstrip(".") == answer
+        ids = tok(reply, add_special_tokens=False)["input_ids"]
+        assert ids[len(tok(reply[:start], add_special_tokens=False)["input_ids"])] == tok.convert_tokens_to_ids(answer)
+        assert tok.unk_token_id not in ids
+        prefixes.setdefault(qtext, set()).add(reply[:start])
+        answers.setdefault(qtext, set()).add(answer)
+        types.add(qtype)
+        assert len(q["entities"]) == len(named) == {"colour": 1, "shape": 1, "count": 0, "relation": 2}[qtype]
+        for ent, k in zip(q["entities"], named):
+            assert ent["turn"] == 1 and reply[ent["start"]:ent["end"]] == ent["phrase"]
+            (region,) = [r for r in q["regions"] if r["id"] in ent["regions"]]
+            assert (rle.decode(region["mask_rle"]) == objs[k]["mask"]).all()
+            word = objs[k]["colour"] if qtype == "shape" else objs[k]["shape"]
+            assert word in ent["phrase"].split()
+    assert types == set(T.QUESTION_TYPES)
+    assert all(len(p) == 1 for p in prefixes.values())
+    assert any(len(answers[t]) >= 2 for t in prefixes if t.startswith("how many"))   # "there are" for one too
+    with pytest.raises(ValueError, match="answer form"):
+        T.question_record("k", T.scene(0, "train", 0, size=64), "count", "how many shapes are there?", "one",
+                          form="paragraph")
 
 
 def test_lambda_schedule():
@@ -126,13 +168,26 @@ def test_baselines_blind_flag_and_result_fields():
     (["--lambda", "-1"], "--lambda"), (["--layers", "4"], "--layers"), (["--heads", "1", "1"], "--heads"),
     (["--schedule", "ramp", "--warmup", "300"], "--warmup"), (["--seeds", "2", "2"], "--seeds"),
     (["--sweep", "--query", "phrase"], "--sweep"), (["--query", "middle"], "--query"),
-    (["--schedule", "cosine"], "--schedule")])
+    (["--schedule", "cosine"], "--schedule"), (["--answers", "paragraph"], "--answers")])
 def test_cli_rejects_bad_settings(argv, message, capsys, tmp_path):
     from pipeline.cli import main
 
     rc = _exit_code(main, ["experiment", "shapes", "--quick", "--work", str(tmp_path), *argv])
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_reaches_the_answer_form():
+    import argparse
+
+    from devkit.experiments.shapes import setting_from_args
+    from pipeline.cli_devkit import add_devkit_parsers
+
+    parser = argparse.ArgumentParser()
+    add_devkit_parsers(parser.add_subparsers(dest="command"), argparse.ArgumentParser)
+    args = parser.parse_args(["experiment", "shapes", "--quick", "--answers", "sentence"])
+    assert setting_from_args(args)[0].answers == "sentence"
+    assert setting_from_args(parser.parse_args(["experiment", "shapes", "--quick"]))[0].answers == "word"
 
 
 def _exit_code(main, argv) -> int:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 QUERIES = ("phrase", "predicting")
 SCHEDULES = ("constant", "ramp")
+ANSWER_FORMS = ("word", "sentence")   # shapes_tasks.ANSWER_FORMS (no import of the task module here)
 LABELS = ("exact", "pseudo")   # training captions' masks: the generator's, or the engine's (shapes_pseudo)
 EVAL_SEED = 0   # the held-out scenes (val and test streams) are the same for every run
 
@@ -46,6 +47,7 @@ class ShapesSetting:
     heads: tuple[int, ...] | None = None    # heads of the loss and read-out (None: all)
     variant: str = "kl"
     labels: str = "exact"          # exact: the generator's masks; pseudo: the engine's (shapes_pseudo, rules judge)
+    answers: str = "word"          # word: the reply is the answer word; sentence: "the circle is red." (its phrases grounded)
     image_size: int = 64           # 8 x 8 image-token grid (112 px, 14 x 14: ~2.5x the step time)
     patch_size: int = 8
     hidden: int = 64
@@ -94,6 +96,8 @@ def validate(st: ShapesSetting, lams=()) -> None:
         raise ValueError(f"--warmup must be >= 0 and < --steps ({st.steps}), got {st.warmup}")
     if st.labels not in LABELS:
         raise ValueError(f"--labels must be among {', '.join(LABELS)}, got {st.labels!r}")
+    if st.answers not in ANSWER_FORMS:
+        raise ValueError(f"--answers must be one of {', '.join(ANSWER_FORMS)}, got {st.answers!r}")
     if st.query not in QUERIES:
         raise ValueError(f"--query must be one of {', '.join(QUERIES)}, got {st.query!r}")
     for name, values, n in (("--layers", st.layers, st.num_layers), ("--heads", st.heads, st.num_heads)):
@@ -133,7 +137,8 @@ class Examples:
 
         sc = T.scene(seed, split, index, self.st.image_size)
         objs = T.objects(sc)
-        qrec = T.question_record(f"{split}{index:06d}q", sc, *T.question(objs, T.question_rng(seed, split, index)))
+        qrec = T.question_record(f"{split}{index:06d}q", sc, *T.question(objs, T.question_rng(seed, split, index)),
+                                 form=self.st.answers)
         cap = self._build(T.caption_record(f"{split}{index:06d}", sc), sc.image) if caption else None
         q = self._build(qrec, sc.image) if question else None
         if cap is not None and q is not None:
@@ -411,6 +416,7 @@ def setting_from_args(args) -> tuple[ShapesSetting, tuple[float, ...]]:
     st = QUICK if args.quick else FULL
     over = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch), ("learning_rate", args.lr),
                               ("schedule", args.schedule), ("warmup", args.warmup), ("query", args.query),
+                              ("answers", getattr(args, "answers", None)),
                               ("layers", tuple(args.layers) if args.layers else None),
                               ("heads", tuple(args.heads) if args.heads else None)) if v is not None}
     lams = tuple(args.lams) if args.lams else (st.lam,)

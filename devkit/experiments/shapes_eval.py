@@ -7,8 +7,9 @@
   chosen on the ``val`` split and reported on ``test``. Two reference read-outs bound the scale:
   the *oracle* (the read-out applied to the true mask's own token-grid map: the best a grid map
   can score) and *uniform* (a flat map: what a model that looks nowhere in particular scores).
-* Understanding: question accuracy (the teacher-forced first answer token's argmax over the
-  whole vocabulary is the answer word), per question type, and the same model's accuracy with
+* Understanding: question accuracy (the teacher-forced answer token's argmax over the whole
+  vocabulary is the answer word: the reply's first token, or with sentence replies the word
+  after "the circle is"), per question type, and the same model's accuracy with
   the images rolled by one within each batch (each question sees another scene's image).
 * Held-out caption NLL: mean negative log-likelihood per caption token (answer tokens).
 
@@ -122,8 +123,8 @@ def grounding(model, capture, examples: list[dict], masks, collator, num_layers:
 @torch.no_grad()
 def answers(model, tokenizer, examples: list[dict], records: list[dict], collator, swap: bool = False,
             batch_size: int = 32) -> np.ndarray:
-    """1 where the teacher-forced first answer token is the answer word, else 0, per question;
-    ``swap``: each question sees the image of the next question in its batch (rolled by one)."""
+    """1 where the teacher-forced answer token (the reply's first, or the word at ``answer_start``)
+    is the answer word, else 0, per question; ``swap``: each question sees the image of the next question in its batch (rolled by one)."""
     right = []
     for s in range(0, len(examples), batch_size):
         chunk, recs = examples[s: s + batch_size], records[s: s + batch_size]
@@ -132,9 +133,16 @@ def answers(model, tokenizer, examples: list[dict], records: list[dict], collato
             batch["pixel_values"] = batch["pixel_values"].roll(1, 0)
         logits = model(**batch).logits
         for b, rec in enumerate(recs):
-            pos = int((labels[b] >= 0).nonzero().flatten()[0])
-            pred = int(logits[b, pos - 1].argmax())
-            right.append(int(pred == tokenizer.convert_tokens_to_ids(rec["question"]["answer"])))
+            # the answer word's label position: after the reply's tokens before it (none for a
+            # one-word reply; "the circle is" for a sentence)
+            q = rec["question"]
+            reply = rec["text"]["conversations"][1]["value"]
+            before = len(tokenizer(reply[: q.get("answer_start", 0)], add_special_tokens=False)["input_ids"])
+            pos = int((labels[b] >= 0).nonzero().flatten()[before])
+            want = tokenizer.convert_tokens_to_ids(q["answer"])
+            if int(labels[b, pos]) != want:
+                raise ValueError(f"{rec['key']}: the answer {q['answer']!r} is not the reply's token {before}")
+            right.append(int(int(logits[b, pos - 1].argmax()) == want))
     return np.asarray(right, dtype=np.int8)
 
 

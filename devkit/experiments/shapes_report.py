@@ -43,7 +43,7 @@ def summarise(*, seed, lam, st, g_val, g_test, right, swapped, val_right, record
         "seed": seed, "lambda": lam, "query": st.query, "schedule": st.schedule, "steps": st.steps,
         "giou": g_test["giou"], "pointing": g_test["pointing"], "oracle_giou": g_test["oracle_giou"],
         "qa_acc": acc, "qa_constant": baselines["qa_constant"], "qa_image_swapped": float(swapped.mean()),
-        "n_questions": n, "caption_nll": g_test["caption_nll"], "labels": st.labels,
+        "n_questions": n, "caption_nll": g_test["caption_nll"], "labels": st.labels, "answers": st.answers,
         "uniform_giou": g_test["uniform_giou"], "val_giou": g_val["giou"], "val_layer": val_layer,
         "giou_val_layer": g_test["giou_per_layer"][val_layer],
         "giou_per_layer_val": g_val["giou_per_layer"], "giou_per_layer_test": g_test["giou_per_layer"],
@@ -61,7 +61,7 @@ def summarise(*, seed, lam, st, g_val, g_test, right, swapped, val_right, record
 
 
 def _arm(r: dict) -> tuple:
-    return (r.get("stage", ""), r["lambda"], r["query"], r["schedule"], r.get("labels", "exact"))
+    return (r.get("stage", ""), r["lambda"], r["query"], r["schedule"], r.get("labels", "exact"), r.get("answers", "word"))
 
 
 def choose(rows: list[dict]) -> dict:
@@ -128,7 +128,8 @@ def format_results(rows: list[dict], choice: dict | None = None, wall_minutes: f
              "read-out of the true mask's token-grid map (the ceiling); uniform: a flat map (the floor).",
              "- gIoU @ val layer: the read-out from the single layer with the best gIoU on the val split, "
              "scored on test.",
-             "- QA: teacher-forced first answer token (argmax over the vocabulary) is the answer word; ± is one "
+             "- QA: the teacher-forced answer token (the reply's first; with sentence replies the word after "
+             "\"the circle is\") argmax over the vocabulary is the answer word; ± is one "
              "standard error. Constant: the most frequent training answer of each question type; text prior: of "
              "each question text. Swapped: the same model with the images rolled by one within each batch; "
              "blind: swapped accuracy not lower than its own by more than 2 paired standard errors.",
@@ -139,25 +140,25 @@ def format_results(rows: list[dict], choice: dict | None = None, wall_minutes: f
                   f"{json.dumps({k: round(v, 3) for k, v in first['qa_constant_by_type'].items()})}), "
                   f"text prior {first['qa_text_prior']:.3f}; {first['n_questions']} test questions, "
                   f"{first['entities']} test entities, {first['n_val_questions']} val questions.", ""]
-    head = ("| stage | seed | λ | query | schedule | labels | gIoU | gIoU @ val layer | pointing | QA | swapped | blind | "
+    head = ("| stage | seed | λ | query | schedule | labels | answers | gIoU | gIoU @ val layer | pointing | QA | swapped | blind | "
             + " | ".join(types) + " | caption NLL | final LM loss | train s |")
     lines += ["## Runs", "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         per = " | ".join(f"{r['qa_by_type'].get(t, float('nan')):.3f}" for t in types)
         lines.append(f"| {r.get('stage', '')} | {r['seed']} | {r['lambda']} | {r['query']} | {r['schedule']} | "
-                     f"{r.get('labels', 'exact')} | {r['giou']:.3f} | {r['giou_val_layer']:.3f} (L{r['val_layer']}) | {r['pointing']:.3f} | "
+                     f"{r.get('labels', 'exact')} | {r.get('answers', 'word')} | {r['giou']:.3f} | {r['giou_val_layer']:.3f} (L{r['val_layer']}) | {r['pointing']:.3f} | "
                      f"{r['qa_acc']:.3f} ± {r['qa_se']:.3f} | {r['qa_image_swapped']:.3f} | "
                      f"{'BLIND' if r['blind'] else 'no'} | {per} | {r['caption_nll']:.3f} | "
                      f"{r['final_lm_loss']:.3f} | {r['train_seconds']} |")
     arms: dict[tuple, list[dict]] = {}
     for r in rows:
         arms.setdefault(_arm(r), []).append(r)
-    head = ("| stage | λ | query | schedule | labels | seeds | gIoU | gIoU @ val layer | pointing | QA | swapped | blind runs | "
+    head = ("| stage | λ | query | schedule | labels | answers | seeds | gIoU | gIoU @ val layer | pointing | QA | swapped | blind runs | "
             + " | ".join(types) + " | caption NLL |")
     lines += ["", "## Mean ± sd over seeds", "", head, "|" + "---|" * (head.count("|") - 1)]
-    for (stage, lam, query, schedule, labels), sel in arms.items():
+    for (stage, lam, query, schedule, labels, answers), sel in arms.items():
         per = " | ".join(_ms([r["qa_by_type"].get(t) for r in sel]) for t in types)
-        lines.append(f"| {stage} | {lam} | {query} | {schedule} | {labels} | {len(sel)} | {_ms([r['giou'] for r in sel])} | "
+        lines.append(f"| {stage} | {lam} | {query} | {schedule} | {labels} | {answers} | {len(sel)} | {_ms([r['giou'] for r in sel])} | "
                      f"{_ms([r['giou_val_layer'] for r in sel])} | {_ms([r['pointing'] for r in sel])} | "
                      f"{_ms([r['qa_acc'] for r in sel])} | {_ms([r['qa_image_swapped'] for r in sel])} | "
                      f"{sum(r['blind'] for r in sel)} / {len(sel)} | {per} | {_ms([r['caption_nll'] for r in sel])} |")

@@ -36,6 +36,7 @@ from stages.record import rle
 QUESTION_TYPES = ("colour", "shape", "count", "relation")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 RELATIONS = ("above", "below", "left", "right")
+ANSWER_FORMS = ("word", "sentence")   # the reply: the answer word alone, or a sentence naming its subject
 ANSWERS = {"colour": COLOURS, "shape": SHAPES, "count": tuple(COUNT_WORDS.values()), "relation": RELATIONS}
 
 
@@ -95,28 +96,57 @@ def caption(objs: list[dict]) -> tuple[str, list[tuple[int, int]]]:
 
 def ask(objs: list[dict], qtype: str, rng: np.random.Generator) -> tuple[str, str]:
     """A question of type ``qtype`` about the scene and its one-word answer."""
+    text, answer, _ = _ask(objs, qtype, rng)
+    return text, answer
+
+
+def _ask(objs: list[dict], qtype: str, rng: np.random.Generator) -> tuple[str, str, tuple[int, ...]]:
+    """(question, one-word answer, indices of the objects the question names, in order)."""
     if qtype == "colour":
-        o = objs[int(rng.integers(len(objs)))]
-        return f"what colour is the {o['shape']}?", o["colour"]
+        i = int(rng.integers(len(objs)))
+        return f"what colour is the {objs[i]['shape']}?", objs[i]["colour"], (i,)
     if qtype == "shape":
-        o = objs[int(rng.integers(len(objs)))]
-        return f"what shape is the {o['colour']} one?", o["shape"]
+        i = int(rng.integers(len(objs)))
+        return f"what shape is the {objs[i]['colour']} one?", objs[i]["shape"], (i,)
     if qtype == "count":
-        return "how many shapes are there?", COUNT_WORDS[len(objs)]
+        return "how many shapes are there?", COUNT_WORDS[len(objs)], ()
     if qtype == "relation":
         if len(objs) < 2:
             raise ValueError("a relation question needs two shapes")
         i, j = (int(v) for v in rng.permutation(len(objs))[:2])
-        return f"where is the {objs[i]['shape']} relative to the {objs[j]['shape']}?", relation(objs[i], objs[j])
+        return f"where is the {objs[i]['shape']} relative to the {objs[j]['shape']}?", relation(objs[i], objs[j]), (i, j)
     raise ValueError(f"question type must be one of {QUESTION_TYPES}, got {qtype!r}")
 
 
-def question(objs: list[dict], rng: np.random.Generator) -> tuple[str, str, str]:
-    """A question of a random type (uniform over the types the scene allows): (type, text, answer)."""
+def question(objs: list[dict], rng: np.random.Generator) -> tuple[str, str, str, tuple[int, ...]]:
+    """A question of a random type (uniform over the types the scene allows): (type, text, answer,
+    indices of the objects it names)."""
     allowed = [t for t in QUESTION_TYPES if t != "relation" or len(objs) >= 2]
     qtype = allowed[int(rng.integers(len(allowed)))]
-    text, answer = ask(objs, qtype, rng)
-    return qtype, text, answer
+    text, answer, named = _ask(objs, qtype, rng)
+    return qtype, text, answer, named
+
+
+def sentence(objs: list[dict], qtype: str, answer: str, named: tuple[int, ...]) -> tuple[str, int, list[tuple[int, int, int]]]:
+    """The answer as a sentence that names its subject first, as instruction-tuned VLMs answer
+    ("the circle is red.", "the red one is a circle.", "the circle is above the square.",
+    "there are two." for every count, even one: its verb must not tell the answer): (sentence, character offset of the answer word, [(start, end, object
+    index)] of the phrases it names, each a grounded entity of the answer turn)."""
+    if qtype == "colour":
+        subject = f"the {objs[named[0]]['shape']}"
+        return f"{subject} is {answer}.", len(subject) + 4, [(0, len(subject), named[0])]
+    if qtype == "shape":
+        subject = f"the {objs[named[0]]['colour']} one"
+        return f"{subject} is a {answer}.", len(subject) + 6, [(0, len(subject), named[0])]
+    if qtype == "count":
+        # one form for every count: "there is one" would give the answer away in its verb
+        return f"there are {answer}.", 10, []
+    if qtype == "relation":
+        a, b = f"the {objs[named[0]]['shape']}", f"the {objs[named[1]]['shape']}"
+        head = f"{a} is "
+        text = f"{head}{answer if answer in ('above', 'below') else answer + ' of'} {b}."
+        return text, len(head), [(0, len(a), named[0]), (len(text) - 1 - len(b), len(text) - 1, named[1])]
+    raise ValueError(f"question type must be one of {QUESTION_TYPES}, got {qtype!r}")
 
 
 def question_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -149,10 +179,28 @@ def caption_record(key: str, sc: Scene) -> dict:
     return rec
 
 
-def question_record(key: str, sc: Scene, qtype: str, text: str, answer: str) -> dict:
-    """A one-turn question conversation; ``record["question"]`` holds its type and answer."""
+def question_record(key: str, sc: Scene, qtype: str, text: str, answer: str, named: tuple[int, ...] = (),
+                    form: str = "word") -> dict:
+    """A one-turn question conversation; ``record["question"]`` holds its type and answer (and
+    ``answer_start``, the answer word's character offset in the reply). ``form="sentence"``: the
+    reply is :func:`sentence`, and the phrases it names are grounded entities of turn 1 with their
+    exact masks (what the engine makes of a LLaVA answer that names what it talks about)."""
+    if form not in ANSWER_FORMS:
+        raise ValueError(f"answer form must be one of {ANSWER_FORMS}, got {form!r}")
     rec = _record(key, sc)
+    reply, start, phrases = (answer, 0, []) if form == "word" else sentence(objects(sc), qtype, answer, named)
     rec["text"] = {"conversations": [{"from": "human", "value": f"<image>\n{text}"},
-                                     {"from": "gpt", "value": answer}]}
-    rec["question"] = {"type": qtype, "text": text, "answer": answer}
+                                     {"from": "gpt", "value": reply}]}
+    rec["question"] = {"type": qtype, "text": text, "answer": answer, "answer_start": start}
+    objs = objects(sc) if phrases else []
+    h, w = sc.image.shape[:2]
+    for n, (s, e, i) in enumerate(phrases):
+        (mask_rle,) = rle.encode(objs[i]["mask"][None])
+        rec["regions"].append({"id": n, "entity": n, "box_xyxy": [0, 0, w, h], "det_score": 1.0,
+                               "mask_rle": mask_rle, "mask_score": 1.0, "area": int(objs[i]["mask"].sum()),
+                               "verdict": {"accept": True, "reason": "exact (generated)", "judge": "generator",
+                                           "prompt": "none"}})
+        rec["entities"].append({"id": n, "phrase": reply[s:e], "start": s, "end": e, "turn": 1,
+                                "root": reply[s:e].split()[-1], "plural": False, "status": "grounded",
+                                "regions": [n]})
     return rec
