@@ -215,6 +215,9 @@ def main(argv=None) -> int:
     ap.add_argument("--colour-judge", action="store_true", help="also build the chosen point with the fake colour judge")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "labels-sweep.json"))
     args = ap.parse_args(argv)
+    # the result folder first: a sweep of 1,800 scenes is half an hour that a missing folder at the
+    # end would throw away
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="lookandlearn-labels-sweep-"))
     jsonl, truth = write_scenes(tmp / "scenes", args.scenes, args.scene_seed)
     base = [f"input.path={jsonl}", f"detect.model={Path(args.detector).resolve()}",
