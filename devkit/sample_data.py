@@ -12,8 +12,12 @@ an animated GIF, a missing file, an absurd 4000x4 strip, an empty caption, a dup
 (all rejected), a caption without nouns (read fine; nothing to ground), and a 16-bit PNG,
 a CMYK JPEG and an RGBA PNG (converted with ``image.modes: convert``, rejected with
 ``reject``).
+After those 30 rows (the showcase) come 120 held-out scenes of the same generator stream
+(``heldout-NNN``, also in ``truth.jsonl``), so that ``lookandlearn evaluate labels`` on the sample
+build measures its labels with power (~340 phrases that name an object);
+``manifests/sample-random.yaml`` stops before them (``input.limit``).
 
-:func:`write_sample_variants` writes the same good images as a LLaVA JSON, a COCO captions
+:func:`write_sample_variants` writes the showcase's good images as a LLaVA JSON, a COCO captions
 annotations file and WebDataset tars, for the other readers.
 
 Both are deterministic and idempotent: a folder that already holds the complete set (checked
@@ -33,7 +37,7 @@ from PIL import Image, ImageDraw
 from devkit import scenes
 from stages.record.shards import write_tar
 
-SAMPLE_VERSION = 2
+SAMPLE_VERSION = 3
 _STAMP = ".sample-data.json"
 _VARIANTS_STAMP = ".sample-variants.json"
 
@@ -48,8 +52,27 @@ _SCENE_FILES = ["scene-01.jpg", "scene-02.png", "scene-03.jpg", "scene-04.jpg", 
 
 
 def sample_scenes() -> list[tuple[str, "scenes.Scene"]]:
-    """(file name, scene) of the sample's generated scenes."""
+    """(file name, scene) of the sample's twelve showcase scenes."""
     return [(name, scenes.generate(SCENE_SEED, "test", k)) for k, name in enumerate(_SCENE_FILES)]
+
+
+# --- the held-out scenes -------------------------------------------------------------------
+# 120 more scenes of the same stream (indices 12..131), after every other row of captions.jsonl:
+# enough phrases (~330 that name an object, ~30 that name nothing) for `evaluate labels` on the
+# sample build to show the label targets (precision, recall, false grounding) with a standard
+# error of ~0.02, which the twelve showcase scenes (32 named phrases) cannot. The thresholds of
+# manifests/sample.yaml were chosen on another seed (bench/labels_sweep.py), so these scenes
+# measure them without having picked them. manifests/sample-random.yaml (the tests' wiring
+# build) stops before them with input.limit.
+HELDOUT_SCENES = 120
+SHOWCASE_ROWS = 30          # the captions.jsonl rows before them (sample-random.yaml's input.limit)
+
+
+def heldout_scenes() -> list[tuple[str, "scenes.Scene"]]:
+    """(file name, scene) of the sample's held-out scenes (JPEG and PNG alternately)."""
+    first = len(_SCENE_FILES)
+    return [(f"heldout-{n:03d}.{'jpg' if n % 2 else 'png'}", scenes.generate(SCENE_SEED, "test", first + n - 1))
+            for n in range(1, HELDOUT_SCENES + 1)]
 
 
 # EXIF orientation 6: the file holds the picture turned 90 degrees counter-clockwise.
@@ -165,7 +188,6 @@ def _sample_set() -> tuple[dict[str, bytes], list[dict], list[str]]:
                                                 exif=exif.tobytes()))
     truth.append(_truth_line("rotated-exif6", caption, [("a tall purple rectangle", masks[1]),
                                                         ("an orange circle", masks[0])]))
-    files["truth.jsonl"] = _jsonl(truth)
 
     for name, img, caption in _natural_images():
         add(name.rsplit(".", 1)[0], name, caption, _encode(img, name))
@@ -198,6 +220,13 @@ def _sample_set() -> tuple[dict[str, bytes], list[dict], list[str]]:
     add("missing", "does-not-exist.jpg", "a photo of a dog that is not there", is_good=False)
     add("strip", "strip.png", "a thin black line",
         _encode(Image.new("RGB", (4000, 4), "black"), "strip.png"), is_good=False)
+
+    # Last: the held-out scenes (good rows, but not in ``good``, the showcase: see heldout_ids()).
+    for name, scene in heldout_scenes():
+        row_id = name.rsplit(".", 1)[0]
+        add(row_id, name, scene.caption, _encode(scene.pil(), name), is_good=False)
+        truth.append(scene.truth(row_id))
+    files["truth.jsonl"] = _jsonl(truth)
     return files, rows, good
 
 
@@ -259,6 +288,11 @@ def sample_rows(out_dir: str | Path) -> tuple[list[dict], list[str]]:
     rows = [json.loads(line) for line in captions.read_text().splitlines() if line.strip()]
     good = set(_good_ids())
     return rows, [r["id"] for r in rows if r["id"] in good]
+
+
+def heldout_ids() -> list[str]:
+    """The ids of the held-out scene rows (the last HELDOUT_SCENES rows of captions.jsonl)."""
+    return [name.rsplit(".", 1)[0] for name, _ in heldout_scenes()]
 
 
 def _good_ids() -> list[str]:

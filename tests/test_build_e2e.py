@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 
 from pipeline.manifest import ManifestError, load_manifest
@@ -97,8 +98,10 @@ def local_out(module_overrides, tmp_path_factory):
 
 
 def _input_lines(overrides) -> int:
+    """The inputs the sample manifest reads: the file's lines up to its input.limit (the showcase)."""
     jsonl = Path(next(o for o in overrides if o.startswith("input.path=")).split("=", 1)[1])
-    return sum(1 for line in jsonl.read_text().splitlines() if line.strip())
+    limit = yaml.safe_load(SAMPLE.read_text())["input"]["limit"]
+    return min(limit, sum(1 for line in jsonl.read_text().splitlines() if line.strip()))
 
 
 def test_every_input_is_written_or_rejected_with_a_reason(local_out, module_overrides):

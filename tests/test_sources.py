@@ -16,10 +16,13 @@ import pytest
 from PIL import Image, ImageOps
 
 from pipeline.manifest import Manifest, ManifestError
-from devkit.sample_data import sample_scenes, write_sample_data, write_sample_variants
+from devkit.sample_data import (HELDOUT_SCENES, SHOWCASE_ROWS, heldout_ids, sample_scenes, write_sample_data,
+                                write_sample_variants)
 from pipeline.sources import REJECT_REASONS, SourceError, list_items
 from stages.read import ImageConfig, ReadStage, read_batch
 from stages.record import BATCH_COLUMNS
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Expected outcome of every row of the sample's captions.jsonl under the default policy.
 EXPECTED_REJECTED = {
@@ -71,7 +74,7 @@ def sample_out(sample) -> dict:
 def test_jsonl_items_keys_order_and_shards(sample):
     m = make_manifest("jsonl", sample / "captions.jsonl", per_shard=8)
     items = list_items(m)
-    assert 24 <= len(items) <= 32
+    assert len(items) == SHOWCASE_ROWS + HELDOUT_SCENES
     assert items == list_items(m)                                     # deterministic
     assert [it["seq"] for it in items] == list(range(len(items)))
     assert [it["shard"] for it in items] == [i // 8 for i in range(len(items))]
@@ -459,8 +462,31 @@ def test_sample_data_is_idempotent(tmp_path, sample):
     write_sample_data(tmp_path)
     assert (tmp_path / "images" / "scene-01.jpg").read_bytes() == (sample / "images" / "scene-01.jpg").read_bytes()
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert 24 <= len(rows) <= 32
+    assert len(rows) == SHOWCASE_ROWS + HELDOUT_SCENES
     assert all(os.path.isabs(r["image"]) is False for r in rows)
+
+
+def test_sample_heldout_scenes_come_last_with_their_truth(sample):
+    """The held-out scenes are the last rows (sample-random.yaml stops before them with input.limit),
+    distinct from the showcase, and each has a truth line whose phrases are spans of its caption."""
+    import yaml
+
+    rows = [json.loads(line) for line in (sample / "captions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows[SHOWCASE_ROWS:]] == heldout_ids()
+    assert not any(r["id"].startswith("heldout-") for r in rows[:SHOWCASE_ROWS])
+    manifest = yaml.safe_load((REPO / "manifests" / "sample-random.yaml").read_text())
+    assert manifest["input"]["limit"] == SHOWCASE_ROWS
+    assert "limit" not in yaml.safe_load((REPO / "manifests" / "sample.yaml").read_text())["input"]
+    truth = {t["id"]: t for t in map(json.loads, (sample / "truth.jsonl").read_text().splitlines())}
+    captions = {r["id"]: r["caption"] for r in rows}
+    held = [truth[i] for i in heldout_ids()]
+    for t in held:
+        assert all(captions[t["id"]][e["start"]:e["end"]] == e["phrase"] for e in t["entities"])
+    named = sum(e["mask"] is not None for t in held for e in t["entities"])
+    nothing = sum(e["mask"] is None for t in held for e in t["entities"])
+    assert named >= 300 and nothing >= 25           # enough for `evaluate labels` to show the targets
+    images = {Path(r["image"]).name for r in rows[SHOWCASE_ROWS:]}
+    assert len(images) == HELDOUT_SCENES and all((sample / "images" / n).is_file() for n in images)
 
 
 def test_store_format_gives_one_format_per_dataset(tmp_path):
