@@ -53,6 +53,8 @@ class ShapesSetting:
     hidden: int = 64
     num_layers: int = 4
     num_heads: int = 4
+    vision_hidden: int = 32        # the CLIP-style tower's width and depth (the tiny VLM's defaults)
+    vision_layers: int = 2
     test_questions: int = 1000     # one per test scene
     test_captions: int = 300       # grounding and caption NLL
     val_captions: int = 150        # layer choice
@@ -109,7 +111,8 @@ def validate(st: ShapesSetting, lams=()) -> None:
 def model_folder(work: Path, seed: int, st: ShapesSetting) -> Path:
     """The tiny model's folder, named by its architecture (``write_tiny_vlm`` reuses a complete
     folder as is)."""
-    return work / f"model-seed{seed}-{st.image_size}px-p{st.patch_size}-h{st.hidden}-l{st.num_layers}"
+    tower = "" if (st.vision_hidden, st.vision_layers) == (32, 2) else f"-v{st.vision_hidden}x{st.vision_layers}"
+    return work / f"model-seed{seed}-{st.image_size}px-p{st.patch_size}-h{st.hidden}-l{st.num_layers}{tower}"
 
 
 class Examples:
@@ -201,7 +204,8 @@ def _model(work: Path, seed: int, st: ShapesSetting):
 
     folder = write_tiny_vlm(model_folder(work, seed, st), "llava", image_size=st.image_size,
                             patch_size=st.patch_size, hidden_size=st.hidden, num_layers=st.num_layers,
-                            num_heads=st.num_heads, seed=seed)
+                            num_heads=st.num_heads, vision_hidden=st.vision_hidden,
+                            vision_layers=st.vision_layers, seed=seed)
     torch.manual_seed(seed)
     return AutoModelForImageTextToText.from_pretrained(str(folder), dtype=torch.float32), \
         AutoProcessor.from_pretrained(str(folder))
