@@ -195,3 +195,29 @@ def _exit_code(main, argv) -> int:
         return main(argv)
     except SystemExit as exc:   # argparse's own rejections
         return int(exc.code)
+
+
+def test_shapes_tower_is_pretrained_once_per_seed_frozen_and_the_same_for_both_arms(tmp_path):
+    """--tower shapes: the VLM's own tower is trained on shape labels before the LM training
+    (its held-out curve recorded), frozen, and every arm of a seed starts from the same one."""
+    import torch
+
+    from devkit.experiments.shapes import _TOWERS, ShapesSetting, _model
+    from devkit.experiments.shapes_tower import tower_of
+
+    st = ShapesSetting(tower="shapes", tower_steps=30)
+    scratch, _ = _model(tmp_path, 5, ShapesSetting())
+    first, _ = _model(tmp_path, 5, st)
+    second, _ = _model(tmp_path, 5, st)
+    a, b, s = (dict(tower_of(m).named_parameters()) for m in (first, second, scratch))
+    assert all(not p.requires_grad for p in a.values()) and all(p.requires_grad for p in s.values())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], s[k]) for k in a)          # trained away from the seed's init
+    (curve,) = [c for key, (_, c) in _TOWERS.items() if key[1] == 5 and key[2] == 30]
+    assert curve[-1]["step"] == 30 and 0.0 <= curve[-1]["test_acc"] <= 1.0
+    # the language model itself is the seed's own, untouched
+    lm = {k: v for k, v in first.named_parameters() if "vision_tower" not in k}
+    assert all(torch.equal(v, dict(scratch.named_parameters())[k]) for k, v in lm.items())
+    with pytest.raises(ValueError, match="--tower"):
+        from devkit.experiments.shapes import validate
+        validate(ShapesSetting(tower="imagenet"))

@@ -29,6 +29,7 @@ from pathlib import Path
 QUERIES = ("phrase", "predicting")
 SCHEDULES = ("constant", "ramp")
 ANSWER_FORMS = ("word", "sentence")   # shapes_tasks.ANSWER_FORMS (no import of the task module here)
+TOWERS = ("scratch", "shapes")   # the vision tower: learnt with the LM, or pretrained on shape labels (shapes_tower)
 LABELS = ("exact", "pseudo")   # training captions' masks: the generator's, or the engine's (shapes_pseudo)
 EVAL_SEED = 0   # the held-out scenes (val and test streams) are the same for every run
 
@@ -55,6 +56,8 @@ class ShapesSetting:
     num_heads: int = 4
     vision_hidden: int = 32        # the CLIP-style tower's width and depth (the tiny VLM's defaults)
     vision_layers: int = 2
+    tower: str = "scratch"         # scratch: the tower learns with the LM; shapes: pretrained on shape labels, frozen
+    tower_steps: int = 2000        # the shapes tower's pretraining steps (shapes_tower.pretrain_tower)
     test_questions: int = 1000     # one per test scene
     test_captions: int = 300       # grounding and caption NLL
     val_captions: int = 150        # layer choice
@@ -98,6 +101,10 @@ def validate(st: ShapesSetting, lams=()) -> None:
         raise ValueError(f"--warmup must be >= 0 and < --steps ({st.steps}), got {st.warmup}")
     if st.labels not in LABELS:
         raise ValueError(f"--labels must be among {', '.join(LABELS)}, got {st.labels!r}")
+    if st.tower not in TOWERS:
+        raise ValueError(f"--tower must be one of {', '.join(TOWERS)}, got {st.tower!r}")
+    if st.tower_steps < 1:
+        raise ValueError(f"--tower-steps must be >= 1, got {st.tower_steps}")
     if st.answers not in ANSWER_FORMS:
         raise ValueError(f"--answers must be one of {', '.join(ANSWER_FORMS)}, got {st.answers!r}")
     if st.query not in QUERIES:
@@ -207,8 +214,31 @@ def _model(work: Path, seed: int, st: ShapesSetting):
                             num_heads=st.num_heads, vision_hidden=st.vision_hidden,
                             vision_layers=st.vision_layers, seed=seed)
     torch.manual_seed(seed)
-    return AutoModelForImageTextToText.from_pretrained(str(folder), dtype=torch.float32), \
-        AutoProcessor.from_pretrained(str(folder))
+    model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype=torch.float32)
+    if st.tower == "shapes":
+        _shapes_tower(model, folder, seed, st)
+    torch.manual_seed(seed)
+    return model, AutoProcessor.from_pretrained(str(folder))
+
+
+# (model folder, seed, steps) -> (the pretrained tower's weights, its curve): both arms of a seed
+# start from the same tower, pretrained once
+_TOWERS: dict[tuple, tuple[dict, list[dict]]] = {}
+
+
+def _shapes_tower(model, folder: Path, seed: int, st: ShapesSetting) -> list[dict]:
+    """Give ``model`` the tower pretrained on shape labels (shapes_tower), frozen; return its curve."""
+    from devkit.experiments.shapes_tower import pretrain_tower, tower_of
+
+    tower = tower_of(model)
+    key = (str(folder), seed, st.tower_steps)
+    if key not in _TOWERS:
+        curve = pretrain_tower(tower, seed, steps=st.tower_steps, size=st.image_size, patch=st.patch_size, log=None)
+        _TOWERS[key] = ({k: v.detach().clone() for k, v in tower.state_dict().items()}, curve)
+    tower.load_state_dict(_TOWERS[key][0])
+    for p in tower.parameters():
+        p.requires_grad_(False)
+    return _TOWERS[key][1]
 
 
 def train(model, capture, data: Examples, seed: int, lam: float, st: ShapesSetting, query: str) -> dict:
@@ -288,6 +318,7 @@ def run_one(work: Path, seed: int, lam: float, st: ShapesSetting, sets=None, que
     from stages.train.attention import AttentionCapture
 
     model, processor = _model(work, seed, st)
+    tower_curve = _TOWERS[(str(model_folder(work, seed, st)), seed, st.tower_steps)][1] if st.tower == "shapes" else None
     data = data or Examples(processor, st)     # the processor is the same for every seed
     if sets is None:
         sets = held_out_sets(data, st)
@@ -310,6 +341,9 @@ def run_one(work: Path, seed: int, lam: float, st: ShapesSetting, sets=None, que
                               right=right, swapped=swapped, val_right=val_right, records=test.records,
                               baselines=base, trained=trained, layers=list(capture.layers),
                               eval_seconds=round(time.time() - t0, 1), threads=torch.get_num_threads()))
+    for row in rows:
+        if tower_curve:          # the pretrained tower's held-out shape accuracy, before the LM training
+            row["tower_pretraining"] = tower_curve
     return rows
 
 
@@ -420,7 +454,8 @@ def setting_from_args(args) -> tuple[ShapesSetting, tuple[float, ...]]:
     st = QUICK if args.quick else FULL
     over = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch), ("learning_rate", args.lr),
                               ("schedule", args.schedule), ("warmup", args.warmup), ("query", args.query),
-                              ("answers", getattr(args, "answers", None)),
+                              ("answers", getattr(args, "answers", None)), ("tower", getattr(args, "tower", None)),
+                              ("tower_steps", getattr(args, "tower_steps", None)),
                               ("layers", tuple(args.layers) if args.layers else None),
                               ("heads", tuple(args.heads) if args.heads else None)) if v is not None}
     lams = tuple(args.lams) if args.lams else (st.lam,)
