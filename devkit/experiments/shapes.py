@@ -29,7 +29,7 @@ from pathlib import Path
 QUERIES = ("phrase", "predicting")
 SCHEDULES = ("constant", "ramp")
 ANSWER_FORMS = ("word", "sentence")   # shapes_tasks.ANSWER_FORMS (no import of the task module here)
-TOWERS = ("scratch", "shapes")   # the vision tower: learnt with the LM, or pretrained on shape labels (shapes_tower)
+TOWERS = ("scratch", "shapes")   # vision tower: learnt with the LM, or pretrained on shape + colour (shapes_tower)
 LABELS = ("exact", "pseudo")   # training captions' masks: the generator's, or the engine's (shapes_pseudo)
 EVAL_SEED = 0   # the held-out scenes (val and test streams) are the same for every run
 
@@ -48,7 +48,7 @@ class ShapesSetting:
     heads: tuple[int, ...] | None = None    # heads of the loss and read-out (None: all)
     variant: str = "kl"
     labels: str = "exact"          # exact: the generator's masks; pseudo: the engine's (shapes_pseudo, rules judge)
-    answers: str = "word"          # word: the reply is the answer word; sentence: "the circle is red." (its phrases grounded)
+    answers: str = "word"          # word: the reply is the answer; sentence: "the circle is red." (phrases grounded)
     image_size: int = 64           # 8 x 8 image-token grid (112 px, 14 x 14: ~2.5x the step time)
     patch_size: int = 8
     hidden: int = 64
@@ -56,7 +56,7 @@ class ShapesSetting:
     num_heads: int = 4
     vision_hidden: int = 32        # the CLIP-style tower's width and depth (the tiny VLM's defaults)
     vision_layers: int = 2
-    tower: str = "scratch"         # scratch: the tower learns with the LM; shapes: pretrained on shape labels, frozen
+    tower: str = "scratch"         # scratch: the tower learns with the LM; shapes: pretrained on shape + colour, frozen
     tower_steps: int = 2000        # the shapes tower's pretraining steps (shapes_tower.pretrain_tower)
     test_questions: int = 1000     # one per test scene
     test_captions: int = 300       # grounding and caption NLL
@@ -215,8 +215,8 @@ def _model(work: Path, seed: int, st: ShapesSetting):
                             vision_layers=st.vision_layers, seed=seed)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype=torch.float32)
-    if st.tower == "shapes":
-        _shapes_tower(model, folder, seed, st)
+    if st.tower == "shapes":      # its held-out curve travels with the model into the result rows
+        model.tower_pretraining = _shapes_tower(model, folder, seed, st)
     torch.manual_seed(seed)
     return model, AutoProcessor.from_pretrained(str(folder))
 
@@ -227,7 +227,8 @@ _TOWERS: dict[tuple, tuple[dict, list[dict]]] = {}
 
 
 def _shapes_tower(model, folder: Path, seed: int, st: ShapesSetting) -> list[dict]:
-    """Give ``model`` the tower pretrained on shape labels (shapes_tower), frozen; return its curve."""
+    """Give ``model`` the tower pretrained on shape and colour labels (shapes_tower), frozen; return
+    its pretraining curve."""
     from devkit.experiments.shapes_tower import pretrain_tower, tower_of
 
     tower = tower_of(model)
@@ -318,7 +319,6 @@ def run_one(work: Path, seed: int, lam: float, st: ShapesSetting, sets=None, que
     from stages.train.attention import AttentionCapture
 
     model, processor = _model(work, seed, st)
-    tower_curve = _TOWERS[(str(model_folder(work, seed, st)), seed, st.tower_steps)][1] if st.tower == "shapes" else None
     data = data or Examples(processor, st)     # the processor is the same for every seed
     if sets is None:
         sets = held_out_sets(data, st)
@@ -342,8 +342,8 @@ def run_one(work: Path, seed: int, lam: float, st: ShapesSetting, sets=None, que
                               baselines=base, trained=trained, layers=list(capture.layers),
                               eval_seconds=round(time.time() - t0, 1), threads=torch.get_num_threads()))
     for row in rows:
-        if tower_curve:          # the pretrained tower's held-out shape accuracy, before the LM training
-            row["tower_pretraining"] = tower_curve
+        if getattr(model, "tower_pretraining", None):    # --tower shapes: the tower's curve before the LM training
+            row["tower_pretraining"] = model.tower_pretraining
     return rows
 
 

@@ -127,11 +127,13 @@ def question(objs: list[dict], rng: np.random.Generator) -> tuple[str, str, str,
     return qtype, text, answer, named
 
 
-def sentence(objs: list[dict], qtype: str, answer: str, named: tuple[int, ...]) -> tuple[str, int, list[tuple[int, int, int]]]:
+def sentence(objs: list[dict], qtype: str, answer: str,
+             named: tuple[int, ...]) -> tuple[str, int, list[tuple[int, int, int]]]:
     """The answer as a sentence that names its subject first, as instruction-tuned VLMs answer
     ("the circle is red.", "the red one is a circle.", "the circle is above the square.",
-    "there are two." for every count, even one: its verb must not tell the answer): (sentence, character offset of the answer word, [(start, end, object
-    index)] of the phrases it names, each a grounded entity of the answer turn)."""
+    "there are two." for every count, even one: its verb must not tell the answer): (sentence,
+    character offset of the answer word, [(start, end, object index)] of the phrases it names,
+    each a grounded entity of the answer turn)."""
     if qtype == "colour":
         subject = f"the {objs[named[0]]['shape']}"
         return f"{subject} is {answer}.", len(subject) + 4, [(0, len(subject), named[0])]
