@@ -35,9 +35,10 @@ def add_devkit_parsers(sub, parser_class) -> None:
     shapes.add_argument("--answers", choices=["word", "sentence"], default=None,
                         help="the reply to a question: the answer word alone (default), or a sentence that names "
                              "its subject first ('the circle is red.'), those phrases grounded with their masks")
-    shapes.add_argument("--tower", choices=["scratch", "shapes"], default=None,
-                        help="the vision tower: learnt from scratch with the language model (default), or pretrained "
-                             "on shape labels first and frozen, the same for both arms (like a VLM's CLIP)")
+    shapes.add_argument("--tower", choices=["scratch", "shapes", "shapes-tuned"], default=None,
+                        help="the vision tower: learnt from scratch with the language model (default); pretrained "
+                             "on shape and colour labels first, the same for both arms (like a VLM's CLIP), and "
+                             "frozen (shapes) or trained along (shapes-tuned)")
     shapes.add_argument("--tower-steps", type=int, default=None, metavar="N",
                         help="pretraining steps of --tower shapes (default 2000)")
     shapes.add_argument("--quick", action="store_true",

@@ -198,8 +198,9 @@ def _exit_code(main, argv) -> int:
 
 
 def test_shapes_tower_is_pretrained_once_per_seed_frozen_and_the_same_for_both_arms(tmp_path):
-    """--tower shapes: the VLM's own tower is trained on shape labels before the LM training
-    (its held-out curve recorded), frozen, and every arm of a seed starts from the same one."""
+    """--tower shapes: the VLM's own tower is trained on shape and colour labels before the LM
+    training (its held-out curve recorded), frozen (shapes-tuned: trained along), and every arm of
+    a seed starts from the same one."""
     import torch
 
     from devkit.experiments.shapes import _TOWERS, ShapesSetting, _model
@@ -213,6 +214,9 @@ def test_shapes_tower_is_pretrained_once_per_seed_frozen_and_the_same_for_both_a
     assert all(not p.requires_grad for p in a.values()) and all(p.requires_grad for p in s.values())
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], s[k]) for k in a)          # trained away from the seed's init
+    tuned, _ = _model(tmp_path, 5, ShapesSetting(tower="shapes-tuned", tower_steps=30))
+    t = dict(tower_of(tuned).named_parameters())                # the same start, trained along with the LM
+    assert all(p.requires_grad for p in t.values()) and all(torch.equal(a[k], t[k]) for k in a)
     (curve,) = [c for key, (_, c) in _TOWERS.items() if key[1] == 5 and key[2] == 30]
     assert curve[-1]["step"] == 30 and 0.0 <= curve[-1]["test_acc"] <= 1.0
     # the language model itself is the seed's own, untouched

@@ -29,7 +29,8 @@ from pathlib import Path
 QUERIES = ("phrase", "predicting")
 SCHEDULES = ("constant", "ramp")
 ANSWER_FORMS = ("word", "sentence")   # shapes_tasks.ANSWER_FORMS (no import of the task module here)
-TOWERS = ("scratch", "shapes")   # vision tower: learnt with the LM, or pretrained on shape + colour (shapes_tower)
+# vision tower: learnt with the LM; pretrained on shape + colour (shapes_tower) and frozen; or pretrained and tuned along
+TOWERS = ("scratch", "shapes", "shapes-tuned")
 LABELS = ("exact", "pseudo")   # training captions' masks: the generator's, or the engine's (shapes_pseudo)
 EVAL_SEED = 0   # the held-out scenes (val and test streams) are the same for every run
 
@@ -215,7 +216,7 @@ def _model(work: Path, seed: int, st: ShapesSetting):
                             vision_layers=st.vision_layers, seed=seed)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype=torch.float32)
-    if st.tower == "shapes":      # its held-out curve travels with the model into the result rows
+    if st.tower != "scratch":     # its held-out curve travels with the model into the result rows
         model.tower_pretraining = _shapes_tower(model, folder, seed, st)
     torch.manual_seed(seed)
     return model, AutoProcessor.from_pretrained(str(folder))
@@ -227,8 +228,8 @@ _TOWERS: dict[tuple, tuple[dict, list[dict]]] = {}
 
 
 def _shapes_tower(model, folder: Path, seed: int, st: ShapesSetting) -> list[dict]:
-    """Give ``model`` the tower pretrained on shape and colour labels (shapes_tower), frozen; return
-    its pretraining curve."""
+    """Give ``model`` the tower pretrained on shape and colour labels (shapes_tower), frozen
+    (``shapes``) or trained along with the language model (``shapes-tuned``); return its curve."""
     from devkit.experiments.shapes_tower import pretrain_tower, tower_of
 
     tower = tower_of(model)
@@ -238,7 +239,7 @@ def _shapes_tower(model, folder: Path, seed: int, st: ShapesSetting) -> list[dic
         _TOWERS[key] = ({k: v.detach().clone() for k, v in tower.state_dict().items()}, curve)
     tower.load_state_dict(_TOWERS[key][0])
     for p in tower.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(st.tower == "shapes-tuned")
     return _TOWERS[key][1]
 
 
