@@ -26,9 +26,10 @@ sys.path.insert(0, str(REPO))
 
 def main(argv=None) -> int:
     import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPVisionModel
 
     from devkit.experiments.shapes_tower import pretrain_tower
+    from devkit.tiny_vlms import clip_vision_config
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vision-hidden", type=int, default=32)
@@ -41,10 +42,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     vh = args.vision_hidden
-    # devkit/tiny_vlms.py's vision config for the instrument (64 px, 8 px patches)
-    tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=vh, intermediate_size=2 * vh,
-                                             num_hidden_layers=args.vision_layers, num_attention_heads=2,
-                                             image_size=64, patch_size=8, projection_dim=vh))
+    tower = CLIPVisionModel(clip_vision_config(64, 8, vh, args.vision_layers))   # the instrument's 64 px, 8 px patches
     t0 = time.time()
     curve = pretrain_tower(tower, args.seed, steps=args.steps)
     result = {"benchmark": "shape_probe", "date": time.strftime("%Y-%m-%d"), "vision_hidden": vh,

@@ -68,11 +68,15 @@ HELDOUT_SCENES = 120
 SHOWCASE_ROWS = 30          # the captions.jsonl rows before them (sample-random.yaml's input.limit)
 
 
+def _heldout_names() -> list[str]:
+    """File names of the held-out scenes (JPEG and PNG alternately)."""
+    return [f"heldout-{n:03d}.{'jpg' if n % 2 else 'png'}" for n in range(1, HELDOUT_SCENES + 1)]
+
+
 def heldout_scenes() -> list[tuple[str, "scenes.Scene"]]:
-    """(file name, scene) of the sample's held-out scenes (JPEG and PNG alternately)."""
+    """(file name, scene) of the sample's held-out scenes: the stream's scenes after the showcase's."""
     first = len(_SCENE_FILES)
-    return [(f"heldout-{n:03d}.{'jpg' if n % 2 else 'png'}", scenes.generate(SCENE_SEED, "test", first + n - 1))
-            for n in range(1, HELDOUT_SCENES + 1)]
+    return [(name, scenes.generate(SCENE_SEED, "test", first + k)) for k, name in enumerate(_heldout_names())]
 
 
 # EXIF orientation 6: the file holds the picture turned 90 degrees counter-clockwise.
@@ -292,7 +296,7 @@ def sample_rows(out_dir: str | Path) -> tuple[list[dict], list[str]]:
 
 def heldout_ids() -> list[str]:
     """The ids of the held-out scene rows (the last HELDOUT_SCENES rows of captions.jsonl)."""
-    return [name.rsplit(".", 1)[0] for name, _ in heldout_scenes()]
+    return [name.rsplit(".", 1)[0] for name in _heldout_names()]    # names only: no scene is generated
 
 
 def _good_ids() -> list[str]:

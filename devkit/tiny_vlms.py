@@ -104,14 +104,21 @@ def _complete(folder: Path) -> bool:
         and (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
 
 
+def clip_vision_config(image_size: int, patch_size: int, vision_hidden: int = 32, vision_layers: int = 2):
+    """The tiny LLaVA families' CLIP-style vision tower config (also bench/shape_probe.py's tower)."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                            num_hidden_layers=vision_layers, num_attention_heads=2, image_size=image_size,
+                            patch_size=patch_size, projection_dim=vision_hidden)
+
+
 def write_tiny_vlm(folder: str | Path, family: str = "llava", *, image_size: int = 336, patch_size: int = 14,
                    hidden_size: int = 64, num_layers: int = 4, num_heads: int = 4, num_kv_heads: int = 2,
                    vision_hidden: int = 32, vision_layers: int = 2, seed: int = 0, force: bool = False) -> Path:
     """Write a tiny random ``family`` VLM to ``folder`` (skipped when already complete)."""
     import torch
     from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
@@ -139,9 +146,7 @@ def write_tiny_vlm(folder: str | Path, family: str = "llava", *, image_size: int
     head_dim = hidden_size // num_heads
     torch.manual_seed(seed)
     if family in ("llava", "llava_next"):
-        vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                                  num_hidden_layers=vision_layers, num_attention_heads=2, image_size=image_size,
-                                  patch_size=patch_size, projection_dim=vision_hidden)
+        vision = clip_vision_config(image_size, patch_size, vision_hidden, vision_layers)
         text = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                            num_hidden_layers=num_layers, num_attention_heads=num_heads,
                            num_key_value_heads=num_kv_heads, max_position_embeddings=4096,

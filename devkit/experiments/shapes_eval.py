@@ -124,7 +124,8 @@ def grounding(model, capture, examples: list[dict], masks, collator, num_layers:
 def answers(model, tokenizer, examples: list[dict], records: list[dict], collator, swap: bool = False,
             batch_size: int = 32) -> np.ndarray:
     """1 where the teacher-forced answer token (the reply's first, or the word at ``answer_start``)
-    is the answer word, else 0, per question; ``swap``: each question sees the image of the next question in its batch (rolled by one)."""
+    is the answer word, else 0, per question; ``swap``: each question sees the image of the next
+    question in its batch (rolled by one)."""
     right = []
     for s in range(0, len(examples), batch_size):
         chunk, recs = examples[s: s + batch_size], records[s: s + batch_size]

@@ -162,22 +162,29 @@ def _record(key: str, sc: Scene) -> dict:
             "entities": [], "regions": [], "provenance": {"pipeline": "shapes-generator"}}
 
 
+def _ground(rec: dict, text: str, start: int, end: int, turn: int, root: str, mask: np.ndarray) -> None:
+    """Add the phrase ``text[start:end]`` of ``turn`` to ``rec`` as a grounded entity whose one
+    accepted region is the exact ``mask``."""
+    n = len(rec["entities"])
+    h, w = mask.shape
+    (mask_rle,) = rle.encode(mask[None])
+    rec["regions"].append({"id": n, "entity": n, "box_xyxy": [0, 0, w, h], "det_score": 1.0,
+                           "mask_rle": mask_rle, "mask_score": 1.0, "area": int(mask.sum()),
+                           "verdict": {"accept": True, "reason": "exact (generated)", "judge": "generator",
+                                       "prompt": "none"}})
+    rec["entities"].append({"id": n, "phrase": text[start:end], "start": start, "end": end, "turn": turn,
+                            "root": root, "plural": False, "status": "grounded", "regions": [n]})
+
+
 def caption_record(key: str, sc: Scene) -> dict:
     """A caption sample: every shape's phrase is a grounded entity with its exact mask."""
     objs = objects(sc)
     text, spans = caption(objs)
     rec = _record(key, sc)
     rec["text"] = {"caption": text}
-    h, w = sc.image.shape[:2]
-    for i, ((s, e), o) in enumerate(zip(spans, objs)):
+    for (s, e), o in zip(spans, objs):
         assert text[s:e] == phrase(o)
-        (mask_rle,) = rle.encode(o["mask"][None])
-        rec["regions"].append({"id": i, "entity": i, "box_xyxy": [0, 0, w, h], "det_score": 1.0,
-                               "mask_rle": mask_rle, "mask_score": 1.0, "area": int(o["mask"].sum()),
-                               "verdict": {"accept": True, "reason": "exact (generated)", "judge": "generator",
-                                           "prompt": "none"}})
-        rec["entities"].append({"id": i, "phrase": text[s:e], "start": s, "end": e, "turn": -1,
-                                "root": o["shape"], "plural": False, "status": "grounded", "regions": [i]})
+        _ground(rec, text, s, e, -1, o["shape"], o["mask"])
     return rec
 
 
@@ -190,19 +197,11 @@ def question_record(key: str, sc: Scene, qtype: str, text: str, answer: str, nam
     if form not in ANSWER_FORMS:
         raise ValueError(f"answer form must be one of {ANSWER_FORMS}, got {form!r}")
     rec = _record(key, sc)
-    reply, start, phrases = (answer, 0, []) if form == "word" else sentence(objects(sc), qtype, answer, named)
+    objs = objects(sc) if form == "sentence" else []
+    reply, start, phrases = (answer, 0, []) if form == "word" else sentence(objs, qtype, answer, named)
     rec["text"] = {"conversations": [{"from": "human", "value": f"<image>\n{text}"},
                                      {"from": "gpt", "value": reply}]}
     rec["question"] = {"type": qtype, "text": text, "answer": answer, "answer_start": start}
-    objs = objects(sc) if phrases else []
-    h, w = sc.image.shape[:2]
-    for n, (s, e, i) in enumerate(phrases):
-        (mask_rle,) = rle.encode(objs[i]["mask"][None])
-        rec["regions"].append({"id": n, "entity": n, "box_xyxy": [0, 0, w, h], "det_score": 1.0,
-                               "mask_rle": mask_rle, "mask_score": 1.0, "area": int(objs[i]["mask"].sum()),
-                               "verdict": {"accept": True, "reason": "exact (generated)", "judge": "generator",
-                                           "prompt": "none"}})
-        rec["entities"].append({"id": n, "phrase": reply[s:e], "start": s, "end": e, "turn": 1,
-                                "root": reply[s:e].split()[-1], "plural": False, "status": "grounded",
-                                "regions": [n]})
+    for s, e, i in phrases:
+        _ground(rec, reply, s, e, 1, reply[s:e].split()[-1], objs[i]["mask"])
     return rec
