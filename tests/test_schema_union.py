@@ -190,3 +190,28 @@ def test_training_reads_a_caption_list_record(tmp_path):
     bad = write_shard(tmp_path / "shards" / "c-000001.tar", [(record, data)])
     with pytest.raises(ValueError, match="turn 5"):
         build_example(next(iter_shard_samples([bad])), processor, DataConfig("llava"))
+
+
+def test_training_finds_an_entity_of_the_image_turn(tmp_path):
+    """Entity offsets index the turn's ``value`` as stored (docs/schema.md), "<image>" tag included;
+    the chat template drops the tag, so an entity of that turn ("the circle" of a question) must
+    still land on its own tokens, not 8 characters to the right."""
+    from transformers import AutoProcessor
+
+    from devkit.experiments import shapes_tasks as T
+    from stages.train.data import DataConfig, build_example
+    from train_support import tiny_vlm
+
+    processor = AutoProcessor.from_pretrained(str(tiny_vlm(tmp_path, "llava")))
+    tok = processor.tokenizer
+    for tag in ("<image>\n", "\n<image>", ""):
+        sc = T.scene(0, "train", 5, size=64)
+        record = T.question_record("q", sc, "colour", "what colour is the circle?", "red")
+        human = record["text"]["conversations"][0]
+        human["value"] = tag + "what colour is the circle?" if tag != "\n<image>" else \
+            "what colour is the circle?" + tag
+        start = human["value"].index("the circle")
+        T._ground(record, human["value"], start, start + len("the circle"), 0, "circle", T.objects(sc)[0]["mask"])
+        ex = build_example({"record": record, "key": "q"}, processor, DataConfig("llava"), image=sc.image)
+        (ent,) = ex["entities"]
+        assert tok.decode(ex["input_ids"][ent["queries"]]).strip() == "the circle", tag

@@ -69,6 +69,23 @@ class DataConfig:
     max_length: int = 2048
 
 
+def _strip_image_tag(value: str) -> str:
+    """The image turn's text as the chat message carries it: the LLaVA ``<image>`` tag dropped
+    (the image is a content item of its own)."""
+    return value.replace("<image>\n", "").replace("\n<image>", "").replace("<image>", "")
+
+
+def _templated_offset(record: dict, ent: dict, turn_text: str, offset: int) -> int:
+    """Where character ``offset`` of the entity's stored turn text falls in ``turn_text``, the
+    text the template got: offsets count the ``<image>`` tag (docs/schema.md), the template
+    does not (the tag never lies inside a phrase, so the characters removed before ``offset``
+    are the shift)."""
+    stored = rec.entity_text(record, ent)
+    if stored == turn_text:
+        return offset
+    return len(_strip_image_tag(stored[:offset]))
+
+
 def _messages(record: dict, instruction: str) -> tuple[list[dict], list[str], dict[int, int]]:
     """Chat messages, the plain text of each message (entity offsets index these texts), and
     ``{entity turn: message index}``: a conversation's turns are its messages; a caption (turn
@@ -93,10 +110,9 @@ def _messages(record: dict, instruction: str) -> tuple[list[dict], list[str], di
             value = turn["value"]
             content = []
             if role == "user" and not image_done:
-                value_clean = value.replace("<image>\n", "").replace("\n<image>", "").replace("<image>", "")
                 content.append({"type": "image"})
                 image_done = True
-                value = value_clean
+                value = _strip_image_tag(value)
             content.append({"type": "text", "text": value})
             msgs.append({"role": role, "content": content})
             turns.append(value)
@@ -173,7 +189,8 @@ def build_example(sample: dict, processor, cfg: DataConfig, image: np.ndarray | 
         turn_i = where.get(rec.CAPTION_TURN if rec.is_caption_turn(turn) else int(turn))
         if turn_i is None:
             raise ValueError(f"{record['key']}: entity {ent.get('id')} has turn {turn}, not a text of the sample")
-        a, b = starts[turn_i] + ent["start"], starts[turn_i] + ent["end"]
+        a = starts[turn_i] + _templated_offset(record, ent, turns[turn_i], ent["start"])
+        b = starts[turn_i] + _templated_offset(record, ent, turns[turn_i], ent["end"])
         toks = [pos_map[k] for k, (s, e) in enumerate(offsets) if e > a and s < b and e > s]
         if cfg.query == "predict":
             toks = [p - 1 for p in toks]
