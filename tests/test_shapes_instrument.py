@@ -116,6 +116,44 @@ def test_sentence_replies_name_their_subject_and_never_give_the_answer_away():
                           form="paragraph")
 
 
+def test_grounded_questions_name_the_objects_they_ask_about(tmp_path):
+    """--ground-questions: the phrases a question names are turn-0 entities on the objects it
+    names ("the circle" of "what colour is the circle?", "the red one", both shapes of a
+    relation), their offsets into the stored turn (with its <image> tag); the reply's own
+    entities follow; the training example puts each on its own tokens."""
+    from transformers import AutoProcessor
+
+    from stages.record import rle
+    from stages.train.data import DataConfig, build_example
+    from train_support import tiny_vlm
+
+    processor = AutoProcessor.from_pretrained(str(tiny_vlm(tmp_path, "llava")))
+    types = set()
+    for i in range(40):
+        sc = T.scene(0, "train", i, size=64)
+        objs = T.objects(sc)
+        qtype, qtext, answer, named = T.question(objs, T.question_rng(0, "train", i))
+        types.add(qtype)
+        for form in T.ANSWER_FORMS:
+            q = T.question_record(f"k{i}q", sc, qtype, qtext, answer, named, form=form, ground_question=True)
+            asked = [e for e in q["entities"] if e["turn"] == 0]
+            assert len(asked) == len(named)
+            assert len(q["entities"]) - len(asked) == (len(named) if form == "sentence" else 0)
+            value = q["text"]["conversations"][0]["value"]
+            for ent, k in zip(asked, named):
+                assert value[ent["start"]:ent["end"]] == ent["phrase"]
+                assert ent["phrase"] == (f"the {objs[k]['colour']} one" if qtype == "shape" else f"the {objs[k]['shape']}")
+                (region,) = [r for r in q["regions"] if r["id"] in ent["regions"]]
+                assert (rle.decode(region["mask_rle"]) == objs[k]["mask"]).all()
+            ex = build_example({"record": q, "key": q["key"]}, processor, DataConfig("llava"), image=sc.image)
+            assert [e["phrase"] for e in ex["entities"]] == [e["phrase"] for e in q["entities"]]
+            for e in ex["entities"]:
+                assert processor.tokenizer.decode(ex["input_ids"][e["queries"]]).strip() == e["phrase"]
+            plain = T.question_record(f"k{i}q", sc, qtype, qtext, answer, named, form=form)
+            assert plain["text"] == q["text"]
+    assert types == set(T.QUESTION_TYPES)
+
+
 def test_lambda_schedule():
     from devkit.experiments.shapes import ShapesSetting, lambda_at
 
@@ -177,7 +215,7 @@ def test_cli_rejects_bad_settings(argv, message, capsys, tmp_path):
     assert message in capsys.readouterr().err
 
 
-def test_cli_reaches_the_answer_form():
+def test_cli_reaches_the_answer_form_and_question_grounding():
     import argparse
 
     from devkit.experiments.shapes import setting_from_args
@@ -188,6 +226,8 @@ def test_cli_reaches_the_answer_form():
     args = parser.parse_args(["experiment", "shapes", "--quick", "--answers", "sentence"])
     assert setting_from_args(args)[0].answers == "sentence"
     assert setting_from_args(parser.parse_args(["experiment", "shapes", "--quick"]))[0].answers == "word"
+    assert setting_from_args(parser.parse_args(["experiment", "shapes", "--ground-questions"]))[0].ground_questions
+    assert not setting_from_args(parser.parse_args(["experiment", "shapes", "--quick"]))[0].ground_questions
 
 
 def _exit_code(main, argv) -> int:

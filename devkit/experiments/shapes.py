@@ -50,6 +50,7 @@ class ShapesSetting:
     variant: str = "kl"
     labels: str = "exact"          # exact: the generator's masks; pseudo: the engine's (shapes_pseudo, rules judge)
     answers: str = "word"          # word: the reply is the answer; sentence: "the circle is red." (phrases grounded)
+    ground_questions: bool = False  # the phrases a question names ("the circle") are grounded entities too
     image_size: int = 64           # 8 x 8 image-token grid (112 px, 14 x 14: ~2.5x the step time)
     patch_size: int = 8
     hidden: int = 64
@@ -149,7 +150,7 @@ class Examples:
         sc = T.scene(seed, split, index, self.st.image_size)
         objs = T.objects(sc)
         qrec = T.question_record(f"{split}{index:06d}q", sc, *T.question(objs, T.question_rng(seed, split, index)),
-                                 form=self.st.answers)
+                                 form=self.st.answers, ground_question=self.st.ground_questions)
         cap = self._build(T.caption_record(f"{split}{index:06d}", sc), sc.image) if caption else None
         q = self._build(qrec, sc.image) if question else None
         if cap is not None and q is not None:
@@ -455,7 +456,8 @@ def setting_from_args(args) -> tuple[ShapesSetting, tuple[float, ...]]:
     st = QUICK if args.quick else FULL
     over = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch), ("learning_rate", args.lr),
                               ("schedule", args.schedule), ("warmup", args.warmup), ("query", args.query),
-                              ("answers", getattr(args, "answers", None)), ("tower", getattr(args, "tower", None)),
+                              ("answers", getattr(args, "answers", None)),
+                              ("ground_questions", getattr(args, "ground_questions", None)), ("tower", getattr(args, "tower", None)),
                               ("tower_steps", getattr(args, "tower_steps", None)),
                               ("layers", tuple(args.layers) if args.layers else None),
                               ("heads", tuple(args.heads) if args.heads else None)) if v is not None}

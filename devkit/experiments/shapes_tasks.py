@@ -188,20 +188,41 @@ def caption_record(key: str, sc: Scene) -> dict:
     return rec
 
 
+def question_phrases(objs: list[dict], qtype: str, text: str, named: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """[(start, end, object index)] of the phrases a question names ("the circle", "the red one";
+    both shapes of a relation question), in the question ``text``."""
+    if qtype == "count":
+        return []
+    names = [f"the {objs[i]['colour']} one" if qtype == "shape" else f"the {objs[i]['shape']}" for i in named]
+    out, cursor = [], 0
+    for name, i in zip(names, named):
+        s = text.index(name, cursor)
+        out.append((s, s + len(name), i))
+        cursor = s + len(name)
+    return out
+
+
 def question_record(key: str, sc: Scene, qtype: str, text: str, answer: str, named: tuple[int, ...] = (),
-                    form: str = "word") -> dict:
+                    form: str = "word", ground_question: bool = False) -> dict:
     """A one-turn question conversation; ``record["question"]`` holds its type and answer (and
     ``answer_start``, the answer word's character offset in the reply). ``form="sentence"``: the
     reply is :func:`sentence`, and the phrases it names are grounded entities of turn 1 with their
-    exact masks (what the engine makes of a LLaVA answer that names what it talks about)."""
+    exact masks (what the engine makes of a LLaVA answer that names what it talks about).
+    ``ground_question``: the phrases the question names are grounded entities of turn 0 too (the
+    offsets count the ``<image>`` tag, as the schema's do)."""
     if form not in ANSWER_FORMS:
         raise ValueError(f"answer form must be one of {ANSWER_FORMS}, got {form!r}")
     rec = _record(key, sc)
-    objs = objects(sc) if form == "sentence" else []
+    objs = objects(sc) if form == "sentence" or ground_question else []
     reply, start, phrases = (answer, 0, []) if form == "word" else sentence(objs, qtype, answer, named)
     rec["text"] = {"conversations": [{"from": "human", "value": f"<image>\n{text}"},
                                      {"from": "gpt", "value": reply}]}
     rec["question"] = {"type": qtype, "text": text, "answer": answer, "answer_start": start}
+    if ground_question:
+        asked = rec["text"]["conversations"][0]["value"]
+        tag = len(asked) - len(text)
+        for s, e, i in question_phrases(objs, qtype, text, named):
+            _ground(rec, asked, tag + s, tag + e, 0, asked[tag + s:tag + e].split()[-1], objs[i]["mask"])
     for s, e, i in phrases:
         _ground(rec, reply, s, e, 1, reply[s:e].split()[-1], objs[i]["mask"])
     return rec
