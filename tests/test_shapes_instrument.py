@@ -199,6 +199,28 @@ def test_baselines_blind_flag_and_result_fields():
     assert choose([seeing, blind])["lambda"] == 1.0
     text = format_results([blind, seeing], choice=choose([seeing, blind]), wall_minutes=1.0)
     assert "BLIND" in text and "oracle gIoU 0.700" in text and "QA constant 0.500" in text
+    assert "| grid | 1.0 | phrase | constant | exact | word | 0: +0.0 ± 3.1 | +0.0 |" in text   # its λ = 0 twin
+
+
+def test_paired_gains_match_each_arm_to_its_seed_twin():
+    from devkit.experiments.shapes_report import paired_gains
+
+    def row(seed, lam, acc, stage="final", query="phrase"):
+        return {"seed": seed, "lambda": lam, "qa_acc": acc, "qa_se": 0.015, "stage": stage, "query": query,
+                "schedule": "constant"}
+
+    rows = [row(2, 0.0, 0.60), row(2, 0.3, 0.66), row(3, 0.0, 0.70), row(3, 0.3, 0.62),
+            row(4, 0.3, 0.9),                                   # no twin: left out
+            row(2, 0.0, 0.10, stage="grid"), row(2, 0.0, 0.10, stage="grid", query="predicting"),
+            row(2, 1.0, 0.20, stage="grid", query="predicting")]
+    by = {g["arm"][:3]: g for g in paired_gains(rows)}
+    final = by[("final", 0.3, "phrase")]
+    assert [s for s, _, _ in final["per_seed"]] == [2, 3]
+    assert [round(d, 6) for _, d, _ in final["per_seed"]] == [6.0, -8.0]
+    assert final["mean"] == pytest.approx(-1.0) and final["se"] == pytest.approx(7.0)
+    assert final["per_seed"][0][2] == pytest.approx(100 * 0.015 * 2 ** 0.5)
+    grid = by[("grid", 1.0, "predicting")]
+    assert grid["mean"] == pytest.approx(10.0) and grid["se"] is None
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -109,6 +109,28 @@ def _ms(values) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
+def paired_gains(rows: list[dict]) -> list[dict]:
+    """Per λ > 0 arm: each seed's question accuracy minus its λ = 0 twin's (same stage and seed),
+    in points, with the difference's standard error (the two runs' binomial errors combined), and
+    the mean over seeds with its standard error (None for one seed)."""
+    base = {}
+    for r in rows:
+        if r["lambda"] == 0:
+            base.setdefault((r.get("stage", ""), r["seed"]), r)
+    out: dict[tuple, list] = {}
+    for r in rows:
+        twin = base.get((r.get("stage", ""), r["seed"]))
+        if r["lambda"] > 0 and twin is not None:
+            se = math.hypot(r["qa_se"], twin["qa_se"]) * 100
+            out.setdefault(_arm(r), []).append((r["seed"], (r["qa_acc"] - twin["qa_acc"]) * 100, se))
+    gains = []
+    for arm, per in out.items():
+        d = [x for _, x, _ in per]
+        se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None
+        gains.append({"arm": arm, "per_seed": per, "mean": float(np.mean(d)), "se": se})
+    return gains
+
+
 def format_results(rows: list[dict], choice: dict | None = None, wall_minutes: float | None = None) -> str:
     types = [t for t in OPTIONAL_TYPES if any(t in r["qa_by_type"] for r in rows)]
     first = rows[0] if rows else {}
@@ -162,6 +184,16 @@ def format_results(rows: list[dict], choice: dict | None = None, wall_minutes: f
                      f"{_ms([r['giou_val_layer'] for r in sel])} | {_ms([r['pointing'] for r in sel])} | "
                      f"{_ms([r['qa_acc'] for r in sel])} | {_ms([r['qa_image_swapped'] for r in sel])} | "
                      f"{sum(r['blind'] for r in sel)} / {len(sel)} | {per} | {_ms([r['caption_nll'] for r in sel])} |")
+    gains = paired_gains(rows)
+    if gains:
+        lines += ["", "## Question accuracy, λ > 0 minus its λ = 0 twin (same seed and scenes), points", "",
+                  "| stage | λ | query | schedule | labels | answers | per seed (± 1 SE of the difference) | mean ± SE over seeds |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for g in gains:
+            per = ", ".join(f"{s}: {d:+.1f} ± {e:.1f}{' (below by > 2 SE)' if d < -2 * e else ''}"
+                            for s, d, e in g["per_seed"])
+            mean = f"{g['mean']:+.1f} ± {g['se']:.1f}" if g["se"] is not None else f"{g['mean']:+.1f}"
+            lines.append(f"| {' | '.join(str(v) for v in g['arm'])} | {per} | {mean} |")
     pseudo = [r for r in rows if r.get("pseudo_labels")]
     if pseudo:
         lines += ["", "Pseudo-labels of the training captions against the exact masks (per run; correct = mask IoU "
