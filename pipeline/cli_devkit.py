@@ -44,7 +44,7 @@ def add_devkit_parsers(sub, parser_class) -> None:
                              "on shape and colour labels first, the same for both arms (like a VLM's CLIP), and "
                              "frozen (shapes) or trained along (shapes-tuned)")
     shapes.add_argument("--tower-steps", type=int, default=None, metavar="N",
-                        help="pretraining steps of --tower shapes (default 2000)")
+                        help="pretraining steps of --tower shapes (default 5000)")
     shapes.add_argument("--quick", action="store_true",
                         help="the reduced setting of the test suite (64 px scenes, 300 steps, fewer held-out items)")
     shapes.add_argument("--sweep", action="store_true",
