@@ -38,7 +38,7 @@ def add_devkit_parsers(sub, parser_class) -> None:
     shapes.add_argument("--ground-questions", action="store_true", default=None,
                         help="the phrases a question names ('the circle' of 'what colour is the circle?') are "
                              "grounded entities too, with their masks: the loss also trains where the question "
-                             "looks (the build grounds only assistant turns)")
+                             "looks (a build makes such data with parse.turns: all)")
     shapes.add_argument("--tower", choices=["scratch", "shapes", "shapes-tuned"], default=None,
                         help="the vision tower: learnt from scratch with the language model (default); pretrained "
                              "on shape and colour labels first, the same for both arms (like a VLM's CLIP), and "

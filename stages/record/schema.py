@@ -73,7 +73,8 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 # Conversation speakers. Inputs write a turn's speaker as ``from`` (LLaVA) or ``role`` (OpenAI
 # style), in any case; :func:`speaker` reads either. Only assistant turns describe the image:
-# human turns are questions whose noun phrases may not even be in the picture.
+# human turns are questions whose noun phrases may not even be in the picture (``parse.turns: all``
+# parses them anyway, for what a question names; the judge rejects what is absent).
 ASSISTANT_ROLES = ("gpt", "assistant")
 KNOWN_ROLES = ("human", "user", "system") + ASSISTANT_ROLES
 ROW_OK = "ok"
