@@ -100,21 +100,28 @@ def ask(objs: list[dict], qtype: str, rng: np.random.Generator) -> tuple[str, st
     return text, answer
 
 
+def name(o: dict, qtype: str) -> str:
+    """How a question of ``qtype`` (and its sentence reply) names the object ``o``: by its colour
+    when the shape is asked ("the red one"), else by its shape ("the circle")."""
+    return f"the {o['colour']} one" if qtype == "shape" else f"the {o['shape']}"
+
+
 def _ask(objs: list[dict], qtype: str, rng: np.random.Generator) -> tuple[str, str, tuple[int, ...]]:
     """(question, one-word answer, indices of the objects the question names, in order)."""
     if qtype == "colour":
         i = int(rng.integers(len(objs)))
-        return f"what colour is the {objs[i]['shape']}?", objs[i]["colour"], (i,)
+        return f"what colour is {name(objs[i], qtype)}?", objs[i]["colour"], (i,)
     if qtype == "shape":
         i = int(rng.integers(len(objs)))
-        return f"what shape is the {objs[i]['colour']} one?", objs[i]["shape"], (i,)
+        return f"what shape is {name(objs[i], qtype)}?", objs[i]["shape"], (i,)
     if qtype == "count":
         return "how many shapes are there?", COUNT_WORDS[len(objs)], ()
     if qtype == "relation":
         if len(objs) < 2:
             raise ValueError("a relation question needs two shapes")
         i, j = (int(v) for v in rng.permutation(len(objs))[:2])
-        return f"where is the {objs[i]['shape']} relative to the {objs[j]['shape']}?", relation(objs[i], objs[j]), (i, j)
+        return (f"where is {name(objs[i], qtype)} relative to {name(objs[j], qtype)}?", relation(objs[i], objs[j]),
+                (i, j))
     raise ValueError(f"question type must be one of {QUESTION_TYPES}, got {qtype!r}")
 
 
@@ -135,16 +142,16 @@ def sentence(objs: list[dict], qtype: str, answer: str,
     character offset of the answer word, [(start, end, object index)] of the phrases it names,
     each a grounded entity of the answer turn)."""
     if qtype == "colour":
-        subject = f"the {objs[named[0]]['shape']}"
+        subject = name(objs[named[0]], qtype)
         return f"{subject} is {answer}.", len(subject) + 4, [(0, len(subject), named[0])]
     if qtype == "shape":
-        subject = f"the {objs[named[0]]['colour']} one"
+        subject = name(objs[named[0]], qtype)
         return f"{subject} is a {answer}.", len(subject) + 6, [(0, len(subject), named[0])]
     if qtype == "count":
         # one form for every count: "there is one" would give the answer away in its verb
         return f"there are {answer}.", 10, []
     if qtype == "relation":
-        a, b = f"the {objs[named[0]]['shape']}", f"the {objs[named[1]]['shape']}"
+        a, b = (name(objs[i], qtype) for i in named[:2])
         head = f"{a} is "
         text = f"{head}{answer if answer in ('above', 'below') else answer + ' of'} {b}."
         return text, len(head), [(0, len(a), named[0]), (len(text) - 1 - len(b), len(text) - 1, named[1])]
@@ -193,12 +200,12 @@ def question_phrases(objs: list[dict], qtype: str, text: str, named: tuple[int, 
     both shapes of a relation question), in the question ``text``."""
     if qtype == "count":
         return []
-    names = [f"the {objs[i]['colour']} one" if qtype == "shape" else f"the {objs[i]['shape']}" for i in named]
     out, cursor = [], 0
-    for name, i in zip(names, named):
-        s = text.index(name, cursor)
-        out.append((s, s + len(name), i))
-        cursor = s + len(name)
+    for i in named:
+        said = name(objs[i], qtype)
+        s = text.index(said, cursor)
+        out.append((s, s + len(said), i))
+        cursor = s + len(said)
     return out
 
 

@@ -17,9 +17,6 @@ from __future__ import annotations
 import numpy as np
 
 PRETRAIN_OFFSET = 1_000_000      # scene indices of the tower's pretraining (the LM's start at 0)
-# CLIP's normalisation, as the tiny VLM's image processor applies it (LlavaImageProcessor defaults)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def tower_of(model):
@@ -30,6 +27,7 @@ def tower_of(model):
 
 def _batch(seed: int, split: str, start: int, n: int, size: int):
     import torch
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD   # the tiny VLM's processor normalises so
 
     from devkit.experiments import shapes_tasks as T
 
@@ -40,7 +38,7 @@ def _batch(seed: int, split: str, start: int, n: int, size: int):
         xs.append(torch.tensor(sc.image).permute(2, 0, 1).float() / 255)
         ys.append((T.SHAPES.index(o["shape"]), T.COLOURS.index(o["colour"])))
         ms.append(o["mask"])
-    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
     return (torch.stack(xs) - mean) / std, torch.tensor(ys), torch.tensor(np.stack(ms)).float()   # ys: (n, 2)
 
 

@@ -141,7 +141,6 @@ def entity_text(record: dict, entity: dict) -> str:
 
 
 PARSE_TURNS = ("assistant", "all")   # parse.turns: which conversation turns give entities
-_IMAGE_TAG = re.compile(r"<image>")
 
 
 def texts_to_parse(record: dict, turns: str = "assistant") -> list[tuple[int, str]]:
@@ -162,7 +161,7 @@ def texts_to_parse(record: dict, turns: str = "assistant") -> list[tuple[int, st
     if turns == "assistant" or not isinstance(conversations, list):
         return [(i, str(turn.get("value") or "")) for i, turn in assistant_turns(conversations)]
     asked = {"human", "user"} | set(ASSISTANT_ROLES)
-    return [(i, _IMAGE_TAG.sub(lambda m: " " * len(m.group()), str(turn.get("value") or "")))
+    return [(i, str(turn.get("value") or "").replace("<image>", " " * len("<image>")))
             for i, turn in enumerate(conversations) if speaker(turn) in asked]
 
 
